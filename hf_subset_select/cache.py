@@ -1,0 +1,291 @@
+"""GradientCache: per-example projected gradients and outputs at θ*, with a JSON manifest.
+
+On disk (see docs/cache_format.md)::
+
+    <dir>/manifest.json          format version, projection, output function, fingerprints, counts
+    <dir>/cache.safetensors      features [N, d] float32, outputs [N], example_id [N] int64,
+                                 source_index [N] int64, split [N] int8 (0 = train, 1 = target),
+                                 optional representations [N, h] float32
+
+Collection writes shards first (``shards/``, one atomic file each, see :mod:`hf_subset_select.collector`)
+and merges them into ``cache.safetensors``. Nothing is ever loaded with pickle.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .io_utils import atomic_save_file, atomic_write_json, read_json
+
+__all__ = ["GradientCache", "GradientCacheError", "CACHE_FORMAT_VERSION", "SPLIT_TRAIN", "SPLIT_TARGET"]
+
+CACHE_FORMAT_VERSION = 1
+SPLIT_TRAIN = 0
+SPLIT_TARGET = 1
+MANIFEST_NAME = "manifest.json"
+DATA_NAME = "cache.safetensors"
+
+
+class GradientCacheError(ValueError):
+    """A cache that is missing, corrupt, or does not match what it is used with."""
+
+
+def _as_tensor(x: Any, dtype: torch.dtype, name: str) -> torch.Tensor:
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    elif not isinstance(x, torch.Tensor):
+        x = torch.as_tensor(x)
+    return x.detach().to("cpu", dtype).contiguous()
+
+
+class GradientCache:
+    """Per-example features ``g_i`` (N x d), outputs ``f_i``, ids, sources and splits.
+
+    Args:
+        features: projected gradients, shape (N, d).
+        outputs: output values f at θ*, shape (N,).
+        example_ids: int64 ids from :func:`~hf_subset_select.tag_sources`, shape (N,).
+        source_index: index into ``sources`` per row, shape (N,).
+        split: 0 for training rows, 1 for target evaluation rows, shape (N,).
+        sources: source names; ``sources[source_index[i]]`` is row i's source.
+        target_source: name of the source that is the target's own training split (or None).
+        manifest: extra manifest fields (projection, output function, fingerprints, ...).
+        representations: optional per-example mean last hidden states (N, h), for baselines.
+    """
+
+    def __init__(
+        self,
+        features: Any,
+        outputs: Any,
+        example_ids: Any,
+        source_index: Any,
+        split: Any,
+        sources: Sequence[str],
+        *,
+        target_source: str | None = None,
+        manifest: dict[str, Any] | None = None,
+        representations: Any | None = None,
+    ) -> None:
+        self.features = _as_tensor(features, torch.float32, "features")
+        self.outputs = _as_tensor(outputs, torch.float32, "outputs")
+        self.example_ids = _as_tensor(example_ids, torch.int64, "example_ids")
+        self.source_index = _as_tensor(source_index, torch.int64, "source_index")
+        self.split = _as_tensor(split, torch.int8, "split")
+        self.sources = [str(s) for s in sources]
+        self.target_source = target_source
+        self.representations = (
+            None if representations is None else _as_tensor(representations, torch.float32, "representations")
+        )
+        self.manifest = dict(manifest or {})
+        self.validate()
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        """Raise :class:`GradientCacheError` naming the fix if the arrays are inconsistent or hold NaN."""
+        if self.features.ndim != 2:
+            raise GradientCacheError(f"features must be 2-D (N, d), got shape {tuple(self.features.shape)}.")
+        n = self.features.shape[0]
+        for name in ("outputs", "example_ids", "source_index", "split"):
+            t = getattr(self, name)
+            if t.shape != (n,):
+                raise GradientCacheError(f"{name} must have shape ({n},), got {tuple(t.shape)}.")
+        if self.representations is not None and self.representations.shape[0] != n:
+            raise GradientCacheError("representations must have one row per example.")
+        if len(set(self.sources)) != len(self.sources):
+            raise GradientCacheError(f"Duplicate source names in the cache: {self.sources}.")
+        if n and (int(self.source_index.min()) < 0 or int(self.source_index.max()) >= len(self.sources)):
+            raise GradientCacheError("source_index refers to a source that is not in `sources`.")
+        if n and not bool(((self.split == SPLIT_TRAIN) | (self.split == SPLIT_TARGET)).all()):
+            raise GradientCacheError("split must be 0 (train) or 1 (target) for every row.")
+        if self.target_source is not None and self.target_source not in self.sources:
+            raise GradientCacheError(
+                f"target_source={self.target_source!r} is not among the sources {self.sources}."
+            )
+        if torch.unique(self.example_ids).numel() != n:
+            raise GradientCacheError(
+                "example_ids are not unique; the cache mixes two collections. Re-collect it."
+            )
+        bad = ~torch.isfinite(self.features).all(dim=1) | ~torch.isfinite(self.outputs)
+        if bool(bad.any()):
+            rows = torch.nonzero(bad).flatten()[:5].tolist()
+            raise GradientCacheError(
+                f"The cache holds NaN/inf in {int(bad.sum())} row(s) (e.g. rows {rows}). Re-collect with a "
+                "smaller learning rate for θ* or a larger prob_clamp, or drop those rows with cache.take(mask)."
+            )
+
+    # ------------------------------------------------------------------ views
+    @property
+    def num_examples(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[1])
+
+    @property
+    def train_mask(self) -> torch.Tensor:
+        return self.split == SPLIT_TRAIN
+
+    @property
+    def target_mask(self) -> torch.Tensor:
+        return self.split == SPLIT_TARGET
+
+    @property
+    def train_sources(self) -> list[str]:
+        """Sources that have training rows, in cache order (the target's own train source included)."""
+        present = set(torch.unique(self.source_index[self.train_mask]).tolist())
+        return [s for i, s in enumerate(self.sources) if i in present]
+
+    def source_id(self, name: str) -> int:
+        try:
+            return self.sources.index(name)
+        except ValueError:
+            raise GradientCacheError(
+                f"Source {name!r} is not in the cache; it has {self.sources}. Check the spelling or re-collect."
+            ) from None
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for i, name in enumerate(self.sources):
+            rows = self.source_index == i
+            out[name] = {
+                "train": int((rows & self.train_mask).sum()),
+                "target": int((rows & self.target_mask).sum()),
+            }
+        return out
+
+    def take(self, rows: torch.Tensor) -> GradientCache:
+        """A new cache with the given rows (a boolean mask or an index tensor), in that order."""
+        rows = torch.as_tensor(rows)
+        return GradientCache(
+            self.features[rows],
+            self.outputs[rows],
+            self.example_ids[rows],
+            self.source_index[rows],
+            self.split[rows],
+            self.sources,
+            target_source=self.target_source,
+            manifest=self.manifest,
+            representations=None if self.representations is None else self.representations[rows],
+        )
+
+    def sort_by_id(self) -> GradientCache:
+        """Rows ordered by (split, example_id): the canonical order used to compare two caches."""
+        order = torch.argsort(self.example_ids, stable=True)
+        order = order[torch.argsort(self.split[order].to(torch.int64), stable=True)]
+        return self.take(order)
+
+    def fingerprint(self) -> str:
+        """Identifies this cache (used to tie a selection to the cache it came from)."""
+        return str(self.manifest.get("fingerprint") or self._content_fingerprint())
+
+    def _content_fingerprint(self) -> str:
+        from .io_utils import fingerprint_tensors
+
+        return fingerprint_tensors(
+            [
+                ("features", self.features),
+                ("outputs", self.outputs),
+                ("example_ids", self.example_ids),
+                ("split", self.split),
+            ]
+        )[:16]
+
+    def __repr__(self) -> str:
+        return (
+            f"GradientCache(N={self.num_examples}, d={self.dim}, sources={len(self.sources)}, "
+            f"target_rows={int(self.target_mask.sum())}, target_source={self.target_source!r})"
+        )
+
+    # ------------------------------------------------------------------ disk
+    def save(self, path: str | os.PathLike) -> None:
+        """Write ``cache.safetensors`` then ``manifest.json`` (both atomic; the manifest last marks completion)."""
+        path = os.fspath(path)
+        os.makedirs(path, exist_ok=True)
+        tensors = {
+            "features": self.features,
+            "outputs": self.outputs,
+            "example_ids": self.example_ids,
+            "source_index": self.source_index,
+            "split": self.split,
+        }
+        if self.representations is not None:
+            tensors["representations"] = self.representations
+        atomic_save_file(tensors, os.path.join(path, DATA_NAME))
+        manifest = dict(self.manifest)
+        manifest.update(
+            {
+                "format": "hf_subset_select.gradient_cache",
+                "format_version": CACHE_FORMAT_VERSION,
+                "package_version": __version__,
+                "sources": self.sources,
+                "target_source": self.target_source,
+                "num_examples": self.num_examples,
+                "dim": self.dim,
+                "counts": self.counts(),
+                "has_representations": self.representations is not None,
+            }
+        )
+        manifest.setdefault("fingerprint", self._content_fingerprint())
+        self.manifest = manifest
+        atomic_write_json(os.path.join(path, MANIFEST_NAME), manifest)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> GradientCache:
+        """Load and check a cache written by :meth:`save` or by the collector."""
+        from safetensors.torch import load_file
+
+        path = os.fspath(path)
+        mpath, dpath = os.path.join(path, MANIFEST_NAME), os.path.join(path, DATA_NAME)
+        if not os.path.isdir(path):
+            raise GradientCacheError(
+                f"No gradient cache at {path!r}: run the GradientCollector (or `hf-subset-select collect`) first."
+            )
+        if not os.path.exists(mpath):
+            raise GradientCacheError(
+                f"{path!r} has no {MANIFEST_NAME}: the collection did not finish. Re-run it; completed shards are reused."
+            )
+        try:
+            manifest = read_json(mpath)
+        except ValueError as exc:
+            raise GradientCacheError(f"{mpath!r} is not valid JSON ({exc}); re-collect the cache.") from exc
+        if manifest.get("format") != "hf_subset_select.gradient_cache":
+            raise GradientCacheError(f"{mpath!r} is not a hf_subset_select gradient cache manifest.")
+        version = manifest.get("format_version")
+        if version != CACHE_FORMAT_VERSION:
+            raise GradientCacheError(
+                f"Cache format version {version} is not supported by this release (expects {CACHE_FORMAT_VERSION}); "
+                "re-collect with this version of hf-subset-select."
+            )
+        if not os.path.exists(dpath):
+            raise GradientCacheError(f"{path!r} has a manifest but no {DATA_NAME}; re-collect the cache.")
+        try:
+            t = load_file(dpath)
+        except Exception as exc:  # safetensors raises its own error types for corrupt files
+            raise GradientCacheError(f"{dpath!r} is unreadable ({exc}); re-collect the cache.") from exc
+        missing = [k for k in ("features", "outputs", "example_ids", "source_index", "split") if k not in t]
+        if missing:
+            raise GradientCacheError(f"{dpath!r} lacks {missing}; re-collect the cache.")
+        cache = cls(
+            t["features"],
+            t["outputs"],
+            t["example_ids"],
+            t["source_index"],
+            t["split"],
+            manifest["sources"],
+            target_source=manifest.get("target_source"),
+            manifest=manifest,
+            representations=t.get("representations"),
+        )
+        if cache.num_examples != manifest.get("num_examples") or cache.dim != manifest.get("dim"):
+            raise GradientCacheError(
+                f"{path!r}: the data ({cache.num_examples} x {cache.dim}) does not match its manifest "
+                f"({manifest.get('num_examples')} x {manifest.get('dim')}); re-collect the cache."
+            )
+        return cache

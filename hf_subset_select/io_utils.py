@@ -1,0 +1,70 @@
+"""Atomic file writes and fingerprints shared by every on-disk artifact."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from typing import Any
+
+__all__ = ["atomic_write_text", "atomic_write_json", "atomic_save_file", "read_json", "fingerprint_tensors"]
+
+
+def _atomic_replace(path: str, write: Any) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace`` (never a half-written file)."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+
+    _atomic_replace(os.fspath(path), write)
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def atomic_save_file(
+    tensors: dict[str, Any], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> None:
+    """Atomically write a safetensors file of torch tensors."""
+    from safetensors.torch import save_file
+
+    _atomic_replace(os.fspath(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def fingerprint_tensors(named: Iterable[tuple[str, Any]]) -> str:
+    """SHA-256 over names, shapes, dtypes and bytes of tensors, in the given order."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in named:
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(name.encode())
+        digest.update(str(tuple(t.shape)).encode())
+        digest.update(str(t.dtype).encode())
+        digest.update(t.reshape(-1).view(dtype=torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -200,20 +200,46 @@ class CollectConfig(ConfigMixin):
 
 @dataclass
 class EstimatorConfig(ConfigMixin):
-    """How :class:`~hf_subset_select.FirstOrderEstimator` solves the per-subset logistic regression."""
+    """How :class:`~hf_subset_select.FirstOrderEstimator` solves the per-subset logistic regression.
+
+    See ``docs/method.md`` for the math behind every field.
+    """
 
     config_type = "estimator_config"
 
     l2: float | None = field(
         default=None,
         metadata={
-            "help": "L2 strength λ. None: the automatic rule (see docs/method.md); or use calibrate()."
+            "help": "L2 strength λ. None: the automatic trust-radius rule (see docs/method.md); "
+            "calibrate() overrides it from a few real fine-tuning results."
+        },
+    )
+    trust_radius: float = field(
+        default=1.0,
+        metadata={
+            "help": "Automatic λ rule: λ is set so that a typical random subset's fitted step changes the "
+            "outputs of its own training examples by this much (RMS, in log-odds units)."
+        },
+    )
+    step_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "Multiplies the fitted step ŵ before the target loss is evaluated (set by calibrate())."
         },
     )
     solver: str = field(
         default="fast",
         metadata={
-            "help": "'fast' (per-source sufficient statistics) or 'exact' (batched Newton on all examples)."
+            "help": "'fast' (second-order model from per-source sufficient statistics; cost per subset "
+            "independent of the number of examples) or 'exact' (batched Newton-CG on all examples)."
+        },
+    )
+    reduction: str = field(
+        default="mean",
+        metadata={
+            "help": "'mean': the training loss of a subset is averaged over its examples (a fixed number "
+            "of fine-tuning steps per subset); 'sum': summed (a fixed number of epochs; bigger subsets "
+            "move further)."
         },
     )
     include_target_train: bool = field(
@@ -225,16 +251,33 @@ class EstimatorConfig(ConfigMixin):
     reduce_dim: int | None = field(
         default=None,
         metadata={
-            "help": "Optional second, data-driven reduction to this many principal directions (fast path)."
+            "help": "Fast path: keep this many principal curvature directions exactly and model the rest "
+            "as isotropic. None: automatic (256 when d > 256, else no reduction). Set it >= d to turn the "
+            "reduction off."
         },
     )
+    chunk_size: int = field(
+        default=512, metadata={"help": "Subsets solved together in one batched call (fast path)."}
+    )
     max_iter: int = field(default=50, metadata={"help": "Maximum Newton iterations of the exact solver."})
-    tol: float = field(default=1e-6, metadata={"help": "Gradient-norm tolerance of the exact solver."})
+    tol: float = field(
+        default=1e-8,
+        metadata={
+            "help": "Exact solver stops when ||∇J(ŵ)|| <= tol * ||∇J(0)|| for every subset in the batch."
+        },
+    )
+    seed: int = field(
+        default=0, metadata={"help": "Seed of the reference subsets used by the automatic λ rule."}
+    )
 
     def __post_init__(self) -> None:
         _check_positive("l2", self.l2, allow_none=True)
+        _check_positive("trust_radius", self.trust_radius)
+        _check_positive("step_scale", self.step_scale, allow_zero=True)
         _check_choice("solver", self.solver, ("fast", "exact"))
+        _check_choice("reduction", self.reduction, ("mean", "sum"))
         _check_positive("reduce_dim", self.reduce_dim, allow_none=True)
+        _check_positive("chunk_size", self.chunk_size)
         _check_positive("max_iter", self.max_iter)
         _check_positive("tol", self.tol)
 
@@ -260,7 +303,9 @@ class SelectConfig(ConfigMixin):
     threshold: float | None = field(
         default=None,
         metadata={
-            "help": "Keep sources whose score beats this; None: beat the mean score (ensemble/linear)."
+            "help": "Keep sources whose score (an estimated target loss; lower is better) is below this. "
+            "None: keep sources that lower the estimate (ensemble: mean loss with the source below the "
+            "mean without it; linear: negative coefficient; forward: the greedy path's own stop)."
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed for the random subsets."})

@@ -80,8 +80,9 @@ def source_weight_table(selection: Any) -> dict[str, float]:
     """Per-source weights from a ``SourceSelection``, a path to one, a dict ``{source: weight}`` or a list of names.
 
     A list of names gives weight 1 to each listed source. A ``SourceSelection`` gives its ``.weights``; sources in
-    ``.selected`` that have no weight get 1 (and a selected source never ends with weight 0). Unlisted sources are
-    "unknown" and handled by the caller's ``unknown_sources`` policy.
+    ``.selected`` that have no weight get 1 (and a selected source never ends with weight 0); candidates it scored
+    but did not select get 0. Sources it does not name at all are "unknown" and handled by the caller's
+    ``unknown_sources`` policy.
     """
     if isinstance(selection, (str, os.PathLike)):
         from .select import SourceSelection
@@ -92,9 +93,10 @@ def source_weight_table(selection: Any) -> dict[str, float]:
     elif isinstance(selection, Sequence) and not isinstance(selection, (str, bytes)):
         table = {str(k): 1.0 for k in selection}
     elif hasattr(selection, "weights") or hasattr(selection, "selected"):
-        weights = getattr(selection, "weights", None) or {}
+        weights = dict(getattr(selection, "weights", None) or {})
         selected = list(getattr(selection, "selected", None) or [])
-        table = {str(k): float(v) for k, v in dict(weights).items()}
+        table = {str(k): 0.0 for k in dict(getattr(selection, "scores", None) or {})}  # known candidates
+        table.update({str(k): float(v) for k, v in weights.items()})
         if selected:
             for name in selected:
                 if table.get(name, 0.0) <= 0.0:
@@ -145,12 +147,18 @@ class _SourcePolicy:
     def __init__(
         self,
         selection: Any,
-        unknown_sources: str,
+        unknown_sources: str | None,
         source_weighting: str,
         source_counts: Mapping[str, int] | None,
         always_keep: Sequence[str],
     ) -> None:
+        is_name_list = isinstance(selection, Sequence) and not isinstance(selection, (str, bytes))
+        # A plain list means "exactly these sources": everything else is dropped, silently. Otherwise unknown
+        # sources (e.g. a target evaluation split tagged under its own name) are kept, with a warning.
+        if unknown_sources is None:
+            unknown_sources = "drop" if is_name_list else "keep"
         _check_choice("unknown_sources", unknown_sources, _UNKNOWN)
+        self._warn_unknown = unknown_sources == "keep"
         _check_choice("source_weighting", source_weighting, _SOURCE_WEIGHTING)
         table = source_weight_table(selection)
         for name in always_keep:
@@ -173,12 +181,12 @@ class _SourcePolicy:
                 f"Source {source!r} is not in the selection (known: {sorted(self.factors)}). Use the selection "
                 "made for this dataset, or pass unknown_sources='keep' (weight 1) / 'drop'."
             )
-        if source not in self._warned:
+        if self._warn_unknown and source not in self._warned:
             self._warned.add(source)
-            what = "kept with weight 1" if self.unknown_sources == "keep" else "dropped"
             warnings.warn(
-                f"Source {source!r} is not in the selection (known: {sorted(self.factors)}); its examples are {what} "
-                "(unknown_sources=...). This is expected for a target evaluation split tagged under its own name.",
+                f"Source {source!r} is not in the selection (known: {sorted(self.factors)}); its examples are kept "
+                "with weight 1 (unknown_sources='keep'). This is expected for a target evaluation split tagged under "
+                "its own name; pass unknown_sources='drop' or 'error' otherwise.",
                 UserWarning,
                 stacklevel=4,
             )
@@ -222,7 +230,8 @@ class SubsetSelectingDataCollator:
         mode: ``"filter"`` or ``"weight"``.
         weight_key: name of the weight tensor in the batch.
         unknown_sources: what to do with a source the selection does not name: ``"keep"`` (weight 1, warns once per
-            source; e.g. the target evaluation split), ``"drop"`` or ``"error"``.
+            source; e.g. the target evaluation split), ``"drop"`` or ``"error"``. Default: ``"drop"`` (silently)
+            when ``selection`` is a list of names, else ``"keep"``.
         on_empty: filter mode, all examples of a batch dropped: ``"error"`` or ``"zero_weight"``.
         source_weighting: ``"per_example"`` (each example of source k gets weight ``w_k``) or ``"mixture"``
             (``w_k`` is source k's share of the loss: each example gets ``w_k / n_k``, scaled to mean 1; needs
@@ -243,7 +252,7 @@ class SubsetSelectingDataCollator:
         mode: str = "filter",
         *,
         weight_key: str = EXAMPLE_WEIGHT_KEY,
-        unknown_sources: str = "keep",
+        unknown_sources: str | None = None,
         on_empty: str = "error",
         source_weighting: str = "per_example",
         source_counts: Mapping[str, int] | None = None,
@@ -383,7 +392,7 @@ def example_weights(
     dataset: Any,
     selection: Any,
     *,
-    unknown_sources: str = "keep",
+    unknown_sources: str | None = None,
     source_weighting: str = "per_example",
     always_keep: Sequence[str] = (),
 ) -> torch.Tensor:

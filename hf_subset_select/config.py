@@ -168,6 +168,19 @@ class CollectConfig(ConfigMixin):
             "help": "'auto' (torch.func vmap, falling back to a loop with a warning), 'vmap' or 'loop'."
         },
     )
+    proj_cache_mb: float = field(
+        default=256.0,
+        metadata={
+            "help": "MiB of generated projection chunks kept for reuse across batches (0: regenerate each batch). "
+            "Bounds the projector's extra memory independently of the trainable parameter count."
+        },
+    )
+    representations: bool = field(
+        default=True,
+        metadata={
+            "help": "Also store each example's mean last hidden state (for the representation-similarity baseline)."
+        },
+    )
     shard_size: int = field(default=1024, metadata={"help": "Examples per on-disk shard (unit of resume)."})
     output_dir: str | None = field(
         default=None,
@@ -196,6 +209,7 @@ class CollectConfig(ConfigMixin):
             raise ValueError(f"prob_clamp must lie in (0, 0.5), got {self.prob_clamp!r}.")
         _check_choice("grad_method", self.grad_method, ("auto", "vmap", "loop"))
         _check_positive("shard_size", self.shard_size)
+        _check_positive("proj_cache_mb", self.proj_cache_mb, allow_zero=True)
 
 
 @dataclass

@@ -372,3 +372,47 @@ def test_trainer_uses_weighted_sampler(sources, tokenizer):
     trainer.train()
     # 5 examples with positive weight -> 5 draws per epoch, never from 'rev'
     assert sum(collator.seen.values()) == 10 and collator.seen["rev"] == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# two processes (gloo): the weighted loss of a data-parallel step equals the single-process step
+# ---------------------------------------------------------------------------------------------------------------
+
+_DDP_TABLE = {"add": 1.0, "sub": 0.4, "rev": 0.0}
+
+
+def _ddp_train_one_step(dataset_path, out_path):
+    import datasets
+    from transformers import TrainingArguments
+
+    data = datasets.load_from_disk(dataset_path)
+    params, trainer = _train(
+        WeightedLossTrainer,
+        TrainingArguments,
+        data,
+        SubsetSelectingDataCollator(_trl_collator(), _DDP_TABLE, mode="weight"),
+        per_device_train_batch_size=3,
+        max_steps=1,
+    )
+    assert trainer.args.world_size == 2
+    if trainer.is_world_process_zero():
+        torch.save(params, out_path)
+
+
+@pytest.mark.multiprocess
+def test_two_process_step_equals_single_process(tokenized, tmp_path):
+    from accelerate import debug_launcher
+    from transformers import TrainingArguments
+
+    tokenized.save_to_disk(str(tmp_path / "data"))
+    out = tmp_path / "ddp_params.pt"
+    debug_launcher(_ddp_train_one_step, args=(str(tmp_path / "data"), str(out)), num_processes=2)
+    single, _ = _train(
+        WeightedLossTrainer,
+        TrainingArguments,
+        tokenized,
+        SubsetSelectingDataCollator(_trl_collator(), _DDP_TABLE, mode="weight"),
+        per_device_train_batch_size=6,
+        max_steps=1,
+    )
+    _assert_params_close(torch.load(out), single)

@@ -81,8 +81,8 @@ def source_weight_table(selection: Any) -> dict[str, float]:
 
     A list of names gives weight 1 to each listed source. A ``SourceSelection`` gives its ``.weights``; sources in
     ``.selected`` that have no weight get 1 (and a selected source never ends with weight 0); candidates it scored
-    but did not select get 0. Sources it does not name at all are "unknown" and handled by the caller's
-    ``unknown_sources`` policy.
+    but did not select get 0; its ``target_source`` gets 1. Sources it does not name at all are "unknown" and
+    handled by the caller's ``unknown_sources`` policy.
     """
     if isinstance(selection, (str, os.PathLike)):
         from .select import SourceSelection
@@ -95,7 +95,12 @@ def source_weight_table(selection: Any) -> dict[str, float]:
     elif hasattr(selection, "weights") or hasattr(selection, "selected"):
         weights = dict(getattr(selection, "weights", None) or {})
         selected = list(getattr(selection, "selected", None) or [])
-        table = {str(k): 0.0 for k in dict(getattr(selection, "scores", None) or {})}  # known candidates
+        # every candidate the selection considered is known (weight 0 unless selected)
+        known = [
+            *(getattr(selection, "sources", None) or []),
+            *dict(getattr(selection, "scores", None) or {}),
+        ]
+        table = {str(k): 0.0 for k in known}
         table.update({str(k): float(v) for k, v in weights.items()})
         if selected:
             for name in selected:
@@ -105,6 +110,9 @@ def source_weight_table(selection: Any) -> dict[str, float]:
             for name in list(table):
                 if name not in selected:
                     table[name] = 0.0
+        target = getattr(selection, "target_source", None)
+        if target is not None and table.get(str(target), 0.0) <= 0.0:
+            table[str(target)] = 1.0  # the target's own training source is always kept, with weight 1
     else:
         raise TypeError(
             "selection must be a SourceSelection, a path to a saved selection JSON, a dict {source: weight} or a "

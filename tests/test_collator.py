@@ -235,3 +235,41 @@ def test_target_eval_split_passes_through(tokenizer):
         lambda f: {"n": torch.tensor(len(f))}, ["add"], always_keep=["add_eval"]
     )
     assert int(collator(_rows(ev))["n"]) == 3
+
+
+def test_source_selection_file(tagged_tokens, tmp_path):
+    from hf_subset_select import SourceSelection
+
+    sel = SourceSelection(
+        method="random_ensemble",
+        sources=["sub", "rev"],
+        scores={"sub": 1.0, "rev": 2.0},
+        selected=["sub"],
+        weights={"sub": 1.0, "rev": 0.0},
+        target_source="add",
+    )
+    sel.save(tmp_path / "selection.json")
+
+    def base(features):
+        return {"input_ids": torch.zeros(len(features), 1)}
+
+    rows = _rows(tagged_tokens, [0, 13, 25])  # add, sub, rev
+    for selection in (sel, str(tmp_path / "selection.json")):
+        weighted = SubsetSelectingDataCollator(base, selection, mode="weight")
+        assert weighted(rows)["example_weight"].tolist() == [
+            1.0,
+            1.0,
+            0.0,
+        ]  # the target source keeps weight 1
+        filtered = SubsetSelectingDataCollator(base, selection, mode="filter", warn=False)
+        assert filtered(rows)["input_ids"].shape[0] == 2
+    # the collator's per-example weights agree with the selection's own
+    expected = sel.sampling_weights(tagged_tokens)
+    assert [weighted.example_weight(s) for s in tagged_tokens["source"]] == expected
+    # filtering in the collator keeps what selection.apply keeps
+    applied = sel.apply(tagged_tokens)
+    assert sorted(applied["example_id"]) == sorted(
+        i
+        for i, s in zip(tagged_tokens["example_id"], tagged_tokens["source"])
+        if filtered.example_weight(s) > 0
+    )

@@ -73,6 +73,34 @@ class ToyModelArguments:
     toy_model_seed: int = field(default=0, metadata={"help": "Seed of the tiny model's initialization."})
 
 
+def prefixed_dataclass(cls: type, prefix: str) -> type:
+    """A copy of the config dataclass ``cls`` whose fields are named ``<prefix><field>`` (same types, defaults, help).
+
+    Lets one parser take several package configs whose field names collide (``seed``, ``output_dir``, ...).
+    Turn a parsed instance back into ``cls`` with :func:`unprefixed`.
+    """
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    specs = []
+    for f in dataclasses.fields(cls):
+        kwargs: dict[str, Any] = {"metadata": f.metadata}
+        if f.default is not dataclasses.MISSING:
+            kwargs["default"] = f.default
+        if f.default_factory is not dataclasses.MISSING:
+            kwargs["default_factory"] = f.default_factory
+        specs.append((prefix + f.name, hints[f.name], dataclasses.field(**kwargs)))
+    return dataclasses.make_dataclass(f"{cls.__name__}Arguments", specs)
+
+
+def unprefixed(parsed: Any, cls: type, prefix: str) -> Any:
+    """Build ``cls`` (validated by its ``__post_init__``) from an instance of ``prefixed_dataclass(cls, prefix)``."""
+    import dataclasses
+
+    return cls(**{f.name: getattr(parsed, prefix + f.name) for f in dataclasses.fields(cls)})
+
+
 def cpu_defaults(parser: Any) -> None:
     """Without a GPU: ``use_cpu=True`` (so two launched processes form a gloo group), no bf16, no checkpointing.
 
@@ -87,10 +115,16 @@ def cpu_defaults(parser: Any) -> None:
 
 def parse(dataclass_types: list[type], description: str) -> tuple[Any, ...]:
     """TRL's parser: flags, plus ``--config file.yaml`` whose values the flags override."""
+    import argparse
+
     from trl import TrlParser
 
-    parser = TrlParser(dataclass_types, description=description)
-    cpu_defaults(parser)
+    class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        pass
+
+    parser = TrlParser(dataclass_types, description=description, formatter_class=_Formatter)
+    if any("use_cpu" in getattr(t, "__dataclass_fields__", {}) for t in dataclass_types):
+        cpu_defaults(parser)
     return parser.parse_args_and_config()
 
 

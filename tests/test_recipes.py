@@ -172,3 +172,45 @@ def test_target_metric_module_loads_by_path():
     assert result == {"accuracy": pytest.approx(2 / 3), "num_examples": 3, "num_correct": 2}
     with pytest.raises(ValueError, match="No shipped metric"):
         metric_path("nope")
+
+
+def _fsdp_collect(out_file):
+    from accelerate import PartialState
+    from torch.distributed.fsdp import fully_shard
+
+    from hf_subset_select import CollectConfig, GradientCollector, tag_sources, tag_target_eval
+    from hf_subset_select.per_example import ShardedParametersError
+    from hf_subset_select.toy import make_tiny_causal_lm, make_tokenizer, toy_text_dataset
+
+    state = PartialState()
+    train = tag_sources(
+        {"add": toy_text_dataset("add", 4, 1), "sub": toy_text_dataset("sub", 4, 2)}, target="add"
+    )
+    target = tag_target_eval(toy_text_dataset("add", 2, 3), "add_eval")
+    model = make_tiny_causal_lm("llama", hidden=16, layers=1)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    collector = GradientCollector(CollectConfig(proj_dim=16), train_dataset=train, target_dataset=target)
+    try:
+        collector.collect(
+            model, make_tokenizer(), output_dir=os.path.join(os.path.dirname(out_file), "cache")
+        )
+        message = "no error"
+    except ShardedParametersError as exc:
+        message = f"ShardedParametersError: {exc}"
+    if state.is_main_process:
+        with open(out_file, "w", encoding="utf-8") as handle:
+            handle.write(message)
+
+
+@pytest.mark.multiprocess
+def test_fsdp_sharded_parameters_refused_by_collector(tmp_path):
+    """What docs/distributed.md states: under FSDP (2 ranks, gloo) the collector refuses with a clear error."""
+    from accelerate import debug_launcher
+
+    out = tmp_path / "result.txt"
+    debug_launcher(_fsdp_collect, args=(str(out),), num_processes=2)
+    text = out.read_text()
+    assert text.startswith("ShardedParametersError") and "DDP / ZeRO-2" in text
+    assert not (tmp_path / "cache" / "cache.safetensors").exists()

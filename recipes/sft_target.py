@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logger = get_logger("sft_target")
     train, target_eval, target = load_sources(data_args)
     selection = _selection(target_args.selection)
+    if selection is not None:
+        selection.sampling_weights(train)  # refuses a training mix with sources the selection did not score
     if selection is not None and target_args.apply == "dataset":
         train = selection.apply(train)
     tokenizer, model = load_tokenizer_and_model(model_args, toy_args)

@@ -117,6 +117,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             always_keep=[target, target_eval_name(target)],
             source_weighting=target_args.source_weighting,
             source_counts=source_counts(train),
+            # a batch drawn only from dropped sources passes with weight 0 (an exact no-op for the loss) instead
+            # of stopping the run; WeightedLossSFTTrainer understands the weights
+            on_empty="zero_weight",
             warn=False,  # the user picked batch-level filtering explicitly
         )
     elif selection is not None and target_args.apply == "sample":

@@ -24,6 +24,7 @@ Two solvers share this API:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -297,10 +298,12 @@ class FirstOrderEstimator:
             gr = g @ basis
         else:
             gr = g
-        gram = torch.zeros(n_src, r * r, dtype=torch.float64)
+        # Gram matrices are stored in the fast path's precision (they are the bulk of the memory: n r²)
+        stat_dtype = torch.float32 if self.config.fast_dtype == "float32" else torch.float64
+        gram = torch.zeros(n_src, r * r, dtype=stat_dtype)
         for j in range(n_src):
             rows = self._row_source == j
-            xj = gr[rows] * curv[rows].sqrt()[:, None]
+            xj = (gr[rows] * curv[rows].sqrt()[:, None]).to(stat_dtype)
             gram[j] = (xj.T @ xj).reshape(-1)
         if basis is not None:
             grad_r = grad_full @ basis
@@ -366,7 +369,7 @@ class FirstOrderEstimator:
             # redo the few matrices that are not positive definite in float32 in float64
             idx = torch.tensor(failed)
             m64, s64 = m[idx].to(torch.float64), scale[idx].to(torch.float64)
-            k64 = (m64 @ st.gram).view(-1, r, r) * s64[:, None, None]
+            k64 = (m[idx] @ gram).to(torch.float64).view(-1, r, r) * s64[:, None, None]
             k64.diagonal(dim1=1, dim2=2).add_(l2)
             w64, failed = _spd_solve(k64, -(m64 @ st.grad) * s64[:, None])
             w_r[idx] = w64.to(dtype)
@@ -392,7 +395,7 @@ class FirstOrderEstimator:
         st = self._prepare()
         r = int(round(math.sqrt(st.gram.shape[1])))
         scale = self._scale(m)
-        k = (m @ st.gram).view(-1, r, r) * scale[:, None, None]
+        k = (m.to(st.gram.dtype) @ st.gram).to(torch.float64).view(-1, r, r) * scale[:, None, None]
         k.diagonal(dim1=1, dim2=2).add_(l2)
         chol = torch.linalg.cholesky_ex(k)[0]
         if st.basis is None:
@@ -524,7 +527,7 @@ class FirstOrderEstimator:
                 previous = torch.get_num_threads()
                 torch.set_num_threads(1)
                 try:
-                    with ThreadPoolExecutor(threads) as pool:
+                    with _single_threaded_blas(), ThreadPoolExecutor(threads) as pool:
                         parts = list(pool.map(work, pieces))
                 finally:
                     torch.set_num_threads(previous)
@@ -619,6 +622,11 @@ class FirstOrderEstimator:
             return float(torch.median(sq.sqrt()))
 
         lo0, hi0 = math.log(scale0 * 1e-9), math.log(scale0 * 1e9)
+        with _single_threaded_blas():
+            return self._bisect_l2(rms, lo0, hi0, delta)
+
+    @staticmethod
+    def _bisect_l2(rms: Callable[[float], float], lo0: float, hi0: float, delta: float) -> float:
         rho0 = rms(math.exp(lo0))
 
         def solve(level: float) -> float:
@@ -747,6 +755,16 @@ def _spd_solve(k: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, list[int
         result = torch.linalg.solve_triangular(chol.transpose(1, 2), y, upper=True).squeeze(-1)
         failed = torch.nonzero(info != 0).flatten().tolist()
     return result, failed
+
+
+def _single_threaded_blas() -> Any:
+    """Keep SciPy's OpenBLAS single-threaded while our own threads call it (threadpoolctl, if installed):
+    its internal threads fight with ours and can cost 10x on a busy machine."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - optional
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def _load_posv() -> tuple[Any, Any] | None:

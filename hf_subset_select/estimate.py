@@ -292,9 +292,22 @@ class FirstOrderEstimator:
             # principal directions of the per-source averaged curvature (every source counts equally)
             w = curv / self._counts[self._row_source] / n_src
             x = (self._features * w.sqrt().to(torch.float32)[:, None]).contiguous()
-            hbar = (x.T @ x).to(torch.float64)
-            evals, evecs = torch.linalg.eigh(hbar)
-            basis = evecs[:, torch.argsort(evals, descending=True)[:r]].contiguous()
+            if x.shape[0] >= d:
+                hbar = (x.T @ x).to(torch.float64)
+                evals, evecs = torch.linalg.eigh(hbar)
+                basis = evecs[:, torch.argsort(evals, descending=True)[:r]].contiguous()
+            else:  # fewer rows than dimensions: eigenvectors of XᵀX from the N×N dual X Xᵀ
+                x64 = x.to(torch.float64)
+                evals, evecs = torch.linalg.eigh(x64 @ x64.T)
+                order = torch.argsort(evals, descending=True)[:r]
+                keep = order[evals[order] > evals.max() * 1e-12]
+                basis = x64.T @ evecs[:, keep] / evals[keep].sqrt()
+                if basis.shape[1] < r:  # rank-deficient: pad with an orthonormal complement
+                    extra = torch.randn(
+                        d, r - basis.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+                    )
+                    basis = torch.linalg.qr(torch.cat([basis, extra], 1)).Q
+                basis = torch.linalg.qr(basis).Q.contiguous()
             gr = g @ basis
         else:
             gr = g
@@ -616,7 +629,10 @@ class FirstOrderEstimator:
         scale0 = max(total_curv / float(self._counts.sum()) / self.dim, 1e-30)
 
         def rms(l2: float) -> float:
-            _, w = self._fast(m, l2, want_w=True)
+            try:
+                _, w = self._fast(m, l2, want_w=True)
+            except FloatingPointError:  # numerically singular at this λ: an unbounded step
+                return math.inf
             dz = w @ g_rows.T
             sq = (dz * dz * in_subset).sum(1) / in_subset.sum(1).clamp_min(1)
             return float(torch.median(sq.sqrt()))
@@ -721,6 +737,103 @@ class FirstOrderEstimator:
             "solver": solver or self.config.solver,
         }
         return dict(self.calibration)
+
+    # ------------------------------------------------------------------ forward check
+    def forward_check(
+        self,
+        model: Any,
+        subsets: Any,
+        target_dataset: Any,
+        *,
+        tokenizer: Any = None,
+        max_length: int | None = None,
+        batch_size: int = 32,
+        solver: str | None = None,
+        output_fn: Any = None,
+    ) -> torch.Tensor:
+        """Slower, more faithful estimate: evaluate the target for real at θ* + P·ŵ_S.
+
+        ``model`` must hold θ* (e.g. :func:`~hf_subset_select.load_meta_init` with trainable parameters) and
+        ``target_dataset`` the target evaluation examples the cache was collected on. For each subset the fitted
+        step ŵ_S (times the step scale) is lifted to parameter space with the cache's own projection, added to
+        the trainable parameters, the outputs f_j are recomputed by a forward pass, and the target loss
+        mean_j log(1 + exp(-f_j)) is returned (shape (B,)). The parameters are restored afterwards.
+        """
+        from .encode import encode_example
+        from .outputs import resolve_output_fn
+        from .per_example import collate_examples, trainable_parameters
+        from .projection import make_projector
+
+        proj = self.cache.manifest.get("projection")
+        if not isinstance(proj, dict) or "kind" not in proj:
+            raise ValueError(
+                "The cache has no projection in its manifest, so ŵ cannot be mapped back to parameters; the "
+                "forward check needs a cache written by the GradientCollector."
+            )
+        named = trainable_parameters(model)
+        projector = make_projector(
+            proj["kind"],
+            int(proj["dim"]),
+            int(proj["seed"]),
+            [(n, tuple(p.shape)) for n, p in named],
+            nnz=int(proj.get("nnz") or 4),
+        )
+        if projector.dim != self.dim or (
+            proj.get("num_params") is not None and int(proj["num_params"]) != projector.num_params
+        ):
+            raise ValueError(
+                f"Dimension mismatch: the model's trainable parameters ({projector.num_params}) and projection "
+                f"(d={projector.dim}) do not match the cache (num_params={proj.get('num_params')}, d={self.dim}). "
+                "Load the same θ* (load_meta_init(path, is_trainable=True)) the cache was collected from."
+            )
+        collect_cfg = self.cache.manifest.get("collect_config", {})
+        max_length = int(max_length or collect_cfg.get("max_length") or 512)
+        name = output_fn if output_fn is not None else self.cache.manifest.get("output_fn", "auto")
+        if isinstance(name, str) and name.startswith("custom:"):
+            raise ValueError(
+                f"The cache was collected with a custom output function ({name}); pass the same callable as "
+                "forward_check(..., output_fn=fn)."
+            )
+        spec = resolve_output_fn(model, name, prob_clamp=float(self.cache.manifest.get("prob_clamp", 1e-6)))
+        if spec.kind == "seq2seq":
+            raise ValueError(
+                "forward_check supports causal language models and sequence classifiers, not seq2seq."
+            )
+        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+        encoded = [
+            encode_example(
+                dict(target_dataset[i]), tokenizer, max_length, classification=spec.kind == "classification"
+            )
+            for i in range(len(target_dataset))
+        ]
+        pad = getattr(tokenizer, "pad_token_id", None) or 0
+        steps = self.fitted_steps(subsets, solver=solver)
+        params = dict(named)
+        original = {n: p.detach().clone() for n, p in named}
+        was_training = model.training
+        model.eval()
+        losses = []
+        try:
+            for w in steps:
+                delta = projector.lift(w.to(torch.float32))
+                with torch.no_grad():
+                    for n, p in params.items():
+                        p.copy_(original[n] + delta[n].to(p.dtype).to(p.device))
+                    outs = []
+                    for start in range(0, len(encoded), batch_size):
+                        batch = collate_examples(encoded[start : start + batch_size], spec.kind, pad)
+                        device = next(iter(params.values())).device
+                        batch = {k: v.to(device) for k, v in batch.items()}
+                        fwd = {k: v for k, v in batch.items() if k != "labels"}
+                        outs.append(spec(model(**fwd), batch).detach().double().cpu())
+                f = torch.cat(outs)
+                losses.append(float(F.softplus(-f).mean()))
+        finally:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(original[n])
+            model.train(was_training)
+        return torch.tensor(losses, dtype=torch.float64)
 
     def __repr__(self) -> str:
         return (

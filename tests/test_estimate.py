@@ -301,3 +301,48 @@ def test_config_validation_and_kwargs():
     est = FirstOrderEstimator(make_synthetic_cache(dim=8, seed=14), EstimatorConfig(l2=0.3), solver="exact")
     assert est.config.l2 == 0.3 and est.config.solver == "exact"
     assert "FirstOrderEstimator(" in repr(est)
+
+
+def test_reduction_with_fewer_rows_than_dimensions():
+    """d > N: the principal directions come from the N×N dual; with r near the rank nothing is lost."""
+    cache = make_synthetic_cache(2, 2, 2, dim=96, examples_per_source=6, target_train_examples=6, seed=15)
+    assert int(cache.train_mask.sum()) < cache.dim
+    full = FirstOrderEstimator(cache, reduce_dim=96, fast_dtype="float64")
+    lam = full.resolved_l2()
+    reduced = FirstOrderEstimator(cache, reduce_dim=44, l2=lam, fast_dtype="float64")  # rank 42 + padding
+    basis = reduced._prepare().basis
+    assert torch.allclose(basis.T @ basis, torch.eye(44, dtype=torch.float64), atol=1e-8)
+    subsets = [[s] for s in full.sources] + [full.sources]
+    assert torch.allclose(reduced.estimate(subsets), full.estimate(subsets), rtol=1e-6)
+
+
+def test_forward_check_matches_linear_estimate_for_small_steps(tmp_path, tokenizer, toy_sources):
+    """θ* + P·ŵ evaluated for real agrees with the linearized estimate when the step is small."""
+    from hf_subset_select import CollectConfig, GradientCollector
+    from hf_subset_select.toy import add_lora, make_tiny_causal_lm
+
+    train, target_eval = toy_sources
+    model = add_lora(make_tiny_causal_lm("gpt2", vocab_size=len(tokenizer), seed=0))
+    collector = GradientCollector(
+        CollectConfig(proj_dim=64, proj_type="rademacher", max_length=32, batch_size=8),
+        train_dataset=train,
+        target_dataset=target_eval,
+        tokenizer=tokenizer,
+    )
+    cache = collector.collect(model, tokenizer, output_dir=tmp_path / "cache")
+    est = FirstOrderEstimator(cache, trust_radius=0.05)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    subsets = [["sub"], ["rev"], ["sub", "rev"]]
+    real = est.forward_check(model, subsets, target_eval, tokenizer=tokenizer)
+    linear = est.estimate(subsets)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # restored
+    moved = (linear - est.base_loss).abs()
+    assert bool((moved > 0).all())
+    assert float(((real - linear).abs() / moved).max()) < 0.2
+    # the step along -ŵ moves the real loss the other way round
+    est.step_scale = 0.0
+    assert torch.allclose(
+        est.forward_check(model, subsets[:1], target_eval, tokenizer=tokenizer),
+        torch.tensor([est.base_loss], dtype=torch.float64),
+        rtol=1e-4,
+    )

@@ -1,58 +1,403 @@
-"""The ``hf-subset-select`` command."""
+"""The ``hf-subset-select`` command: ``demo``, ``collect``, ``estimate``, ``select``, ``report``.
+
+Each subcommand takes flags or ``--config FILE`` (YAML or JSON; flags override it), parsed with TRL's
+``TrlParser`` (an ``HfArgumentParser``) into this package's config dataclasses. Fields of
+:class:`~hf_subset_select.EstimatorConfig` are prefixed ``--estimator_`` where they would clash with
+another config (both it and :class:`~hf_subset_select.SelectConfig` have ``seed``). Bad input ends with one
+line on stderr and exit code 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
-from collections.abc import Sequence
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
-__all__ = ["main"]
+__all__ = ["main", "prefixed_dataclass", "unprefixed", "parse_dataclasses", "CLIError"]
 
 
 class CLIError(Exception):
     """Bad input: printed as one line, exit code 2."""
 
 
-def _cmd_demo(ns: argparse.Namespace) -> None:
+# --------------------------------------------------------------------------- argument helpers
+def prefixed_dataclass(cls: type, prefix: str) -> type:
+    """A copy of dataclass ``cls`` whose fields are named ``<prefix><field>`` (same types, defaults and help).
+
+    Lets one parser take several configs whose field names collide; :func:`unprefixed` turns a parsed
+    instance back into ``cls`` (validated by its ``__post_init__``).
+    """
+    hints = typing.get_type_hints(cls)
+    specs = []
+    for f in dataclasses.fields(cls):
+        kwargs: dict[str, Any] = {"metadata": f.metadata}
+        if f.default is not dataclasses.MISSING:
+            kwargs["default"] = f.default
+        if f.default_factory is not dataclasses.MISSING:
+            kwargs["default_factory"] = f.default_factory
+        specs.append((prefix + f.name, hints[f.name], dataclasses.field(**kwargs)))
+    return dataclasses.make_dataclass(f"{cls.__name__}Arguments", specs)
+
+
+def unprefixed(parsed: Any, cls: type, prefix: str) -> Any:
+    """Build ``cls`` from an instance of ``prefixed_dataclass(cls, prefix)``."""
+    return cls(**{f.name: getattr(parsed, prefix + f.name) for f in dataclasses.fields(cls)})
+
+
+def parse_dataclasses(
+    dataclass_types: Sequence[type], argv: Sequence[str] | None, prog: str, description: str
+) -> tuple[Any, ...]:
+    """Flags plus ``--config FILE`` (YAML/JSON) into instances of ``dataclass_types``."""
+    from trl import TrlParser
+
+    class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        pass
+
+    parser = TrlParser(list(dataclass_types), prog=prog, description=description, formatter_class=_Formatter)
+    parser.add_argument("--config", default=None, help="YAML or JSON file with any of these options.")
+    args = list(argv or [])
+    if "--config" in args:
+        i = args.index("--config")
+        if i + 1 >= len(args) or not os.path.isfile(args[i + 1]):
+            raise CLIError(
+                f"--config needs an existing YAML/JSON file, got {args[i + 1 : i + 2] or 'nothing'}."
+            )
+    # TrlParser consumes --config itself; the argument above only documents it in --help and would come back
+    # as one extra namespace, which is dropped here.
+    return tuple(parser.parse_args_and_config(args))[: len(dataclass_types)]
+
+
+# --------------------------------------------------------------------------- subcommands
+@dataclass
+class CacheArguments:
+    """Which gradient cache to read."""
+
+    cache: str = field(default="", metadata={"help": "Gradient cache directory (written by the collector)."})
+
+    def __post_init__(self) -> None:
+        if not self.cache:
+            raise CLIError("--cache is required: the gradient cache directory written by the collector.")
+
+
+def _load_cache(path: str) -> Any:
+    from .cache import GradientCache
+
+    return GradientCache.load(path)
+
+
+ESTIMATOR_PREFIX = "estimator_"
+
+
+def _estimator_args() -> type:
+    from .config import EstimatorConfig
+
+    return prefixed_dataclass(EstimatorConfig, ESTIMATOR_PREFIX)
+
+
+def _estimator(cache: Any, parsed: Any) -> Any:
+    from .config import EstimatorConfig
+    from .estimate import FirstOrderEstimator
+
+    return FirstOrderEstimator(cache, unprefixed(parsed, EstimatorConfig, ESTIMATOR_PREFIX))
+
+
+@dataclass
+class EstimateArguments:
+    """Subsets to estimate and where to write the result."""
+
+    subsets: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Subsets as comma-separated source names, one argument per subset: --subsets a,b c"
+        },
+    )
+    output: str | None = field(default=None, metadata={"help": "Also write the estimates as JSON here."})
+
+
+def cmd_estimate(argv: Sequence[str]) -> None:
+    """Estimated target loss after fine-tuning on each given subset (and the per-source losses)."""
+    from .io_utils import atomic_write_json
+    from .report import format_table
+
+    cache_args, est_args, est = parse_dataclasses(
+        [CacheArguments, EstimateArguments, _estimator_args()],
+        argv,
+        "hf-subset-select estimate",
+        cmd_estimate.__doc__,
+    )
+    estimator = _estimator(_load_cache(cache_args.cache), est)
+    subsets = [[s.strip() for s in item.split(",") if s.strip()] for item in est_args.subsets]
+    if not subsets:
+        subsets = [[s] for s in estimator.sources] + [list(estimator.sources)]
+    unknown = sorted({s for sub in subsets for s in sub} - set(estimator.sources))
+    if unknown:
+        raise CLIError(f"Unknown source(s) {unknown}; the cache's candidate sources are {estimator.sources}.")
+    losses = [float(x) for x in estimator.estimate(subsets)]
+    base = float(estimator.base_loss)
+    rows = [[",".join(sub), loss, loss - base] for sub, loss in zip(subsets, losses)]
+    print(f"target loss at θ* (no change): {base:.4f}   λ = {estimator.resolved_l2():.4g}")
+    print(format_table(["subset", "estimated loss", "change"], rows))
+    if est_args.output:
+        atomic_write_json(
+            est_args.output,
+            {
+                "cache": cache_args.cache,
+                "base_loss": base,
+                "l2": estimator.resolved_l2(),
+                "estimates": [{"subset": sub, "loss": loss} for sub, loss in zip(subsets, losses)],
+            },
+        )
+        print(f"estimates written to {est_args.output}")
+
+
+@dataclass
+class SelectArguments:
+    """Where to write the selection."""
+
+    output: str = field(default="selection.json", metadata={"help": "Selection JSON to write."})
+
+
+def cmd_select(argv: Sequence[str]) -> None:
+    """Score every source from the gradient cache and write selection.json."""
+    from .config import SelectConfig
+    from .select import select_sources
+
+    cache_args, sel_args, select_config, est = parse_dataclasses(
+        [CacheArguments, SelectArguments, SelectConfig, _estimator_args()],
+        argv,
+        "hf-subset-select select",
+        cmd_select.__doc__,
+    )
+    cache = _load_cache(cache_args.cache)
+    selection = select_sources(_estimator(cache, est), config=select_config)
+    os.makedirs(os.path.dirname(os.path.abspath(sel_args.output)), exist_ok=True)
+    selection.save(sel_args.output)
+    print(selection)
+    print(f"selection written to {sel_args.output}")
+
+
+@dataclass
+class ReportArguments:
+    """Inputs and output of the report."""
+
+    selection: str = field(default="selection.json", metadata={"help": "Selection JSON (from `select`)."})
+    output_dir: str = field(default="report", metadata={"help": "Where report.md and the plots go."})
+    roles: str | None = field(
+        default=None,
+        metadata={"help": "Optional JSON {source: role} (helpful/irrelevant/harmful) to colour bars."},
+    )
+
+
+def cmd_report(argv: Sequence[str]) -> None:
+    """Write report.md and a per-source score plot for a selection (checked against its cache)."""
+    import json
+
+    from .report import markdown_table, plot_source_scores, write_markdown
+    from .select import SourceSelection
+
+    cache_args, rep = parse_dataclasses(
+        [CacheArguments, ReportArguments], argv, "hf-subset-select report", cmd_report.__doc__
+    )
+    cache = _load_cache(cache_args.cache)
+    if not os.path.isfile(rep.selection):
+        raise CLIError(f"No selection file at {rep.selection!r}; run `hf-subset-select select` first.")
+    selection = SourceSelection.load(rep.selection, cache=cache)
+    roles = None
+    if rep.roles:
+        with open(rep.roles, encoding="utf-8") as handle:
+            roles = json.load(handle)
+    os.makedirs(rep.output_dir, exist_ok=True)
+    plot = plot_source_scores(
+        {s: selection.scores[s] for s in selection.ranking},
+        os.path.join(rep.output_dir, "source_scores.png"),
+        roles=roles,
+        selected=selection.selected,
+    )
+    rows = [
+        [
+            s,
+            selection.scores[s],
+            "kept" if s in selection.selected else "dropped",
+            selection.weights.get(s, 0.0),
+        ]
+        + ([roles.get(s, "?")] if roles else [])
+        for s in selection.ranking
+    ]
+    headers = ["source", "score", "decision", "weight"] + (["role"] if roles else [])
+    sections = [
+        (
+            "Selection",
+            f"method `{selection.method}`, cache `{cache_args.cache}` ({cache.num_examples} rows, "
+            f"d = {cache.dim}); target source: `{selection.target_source}`.\n\n"
+            + markdown_table(headers, rows),
+        ),
+    ]
+    if plot:
+        sections.append(("Per-source scores", "![per-source scores](source_scores.png)"))
+    path = write_markdown(os.path.join(rep.output_dir, "report.md"), "hf-subset-select report", sections)
+    print(f"report written to {path}")
+
+
+@dataclass
+class CollectArguments:
+    """θ*, data and tokenizer for the collection pass."""
+
+    meta_init: str = field(
+        default="",
+        metadata={"help": "Meta-init directory written by MetaInitCallback (holds meta_init.json)."},
+    )
+    base_model: str | None = field(
+        default=None,
+        metadata={"help": "Base model path for a PEFT θ* (default: the manifest's base_model_name_or_path)."},
+    )
+    tokenizer: str | None = field(
+        default=None,
+        metadata={"help": "Tokenizer path (default: the meta-init directory, then the base model)."},
+    )
+    train_files: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Training sources as NAME=PATH (.json/.jsonl/.csv/.parquet or a save_to_disk folder)."
+        },
+    )
+    target_eval_file: str = field(
+        default="", metadata={"help": "The target task's evaluation split (same formats)."}
+    )
+    target_eval_name: str = field(
+        default="target_eval", metadata={"help": "Source name given to the target split."}
+    )
+
+    def __post_init__(self) -> None:
+        if not self.meta_init:
+            raise CLIError("--meta_init is required: the directory MetaInitCallback wrote.")
+        if not self.train_files or not self.target_eval_file:
+            raise CLIError("--train_files NAME=PATH ... and --target_eval_file PATH are required.")
+
+
+def cmd_collect(argv: Sequence[str]) -> None:
+    """Collect per-example projected gradients at θ* (a meta-init directory) into a gradient cache."""
+    from .collector import GradientCollector
+    from .config import CollectConfig
+    from .meta_init import load_meta_init, read_meta_init_manifest
+    from .sources import load_dataset_file, parse_source_specs, tag_sources, tag_target_eval
+
+    args, config = parse_dataclasses(
+        [CollectArguments, CollectConfig], argv, "hf-subset-select collect", cmd_collect.__doc__
+    )
+    if not config.output_dir:
+        raise CLIError("--output_dir is required: where the gradient cache goes.")
+    manifest = read_meta_init_manifest(args.meta_init)
+    sources = parse_source_specs(args.train_files)
+    target = config.target_source or manifest.get("target_source")
+    if target is not None and target not in sources:
+        raise CLIError(f"target_source {target!r} is not among --train_files {sorted(sources)}.")
+    train = tag_sources(sources, target=target)
+    target_eval = tag_target_eval(load_dataset_file(args.target_eval_file), name=args.target_eval_name)
+    tokenizer = _load_tokenizer(args, manifest)
+    base = None
+    if manifest["kind"] == "peft":
+        import transformers
+
+        path = args.base_model or manifest.get("base_model_name_or_path")
+        cls = getattr(transformers, manifest.get("model_class", ""), transformers.AutoModelForCausalLM)
+        if not path or not os.path.exists(path):
+            raise CLIError(f"θ* is a PEFT adapter: pass --base_model (the manifest names {path!r}).")
+        base = cls.from_pretrained(path)
+    model = load_meta_init(args.meta_init, base_model=base)
+    collector = GradientCollector(
+        config, train_dataset=train, target_dataset=target_eval, tokenizer=tokenizer
+    )
+    cache = collector.collect(model, tokenizer, output_dir=config.output_dir)
+    print(f"{cache} written to {config.output_dir}")
+
+
+def _load_tokenizer(args: Any, manifest: dict[str, Any]) -> Any:
+    from transformers import AutoTokenizer
+
+    for path in (args.tokenizer, args.meta_init, args.base_model, manifest.get("base_model_name_or_path")):
+        if (
+            path
+            and os.path.isdir(path)
+            and any(
+                os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")
+            )
+        ):
+            return AutoTokenizer.from_pretrained(path)
+    raise CLIError(
+        "No tokenizer found: pass --tokenizer PATH (a directory written by tokenizer.save_pretrained)."
+    )
+
+
+@dataclass
+class DemoArguments:
+    """Settings of the demo run."""
+
+    output_dir: str = field(default="hf_subset_select_demo", metadata={"help": "Where the demo writes."})
+    scale: str = field(default="full", metadata={"help": "'full', or 'test': reduced sizes, same code path."})
+    seed: int = field(default=0, metadata={"help": "Seed for data, models and training."})
+
+
+def cmd_demo(argv: Sequence[str]) -> None:
+    """Run the whole pipeline on built-in toy sources (offline, CPU) and write a report."""
     from .demo import DemoConfig, run_demo
 
-    config = DemoConfig(output_dir=ns.output_dir, scale=ns.scale, seed=ns.seed)
-    run_demo(config)
+    (args,) = parse_dataclasses([DemoArguments], argv, "hf-subset-select demo", cmd_demo.__doc__)
+    run_demo(DemoConfig(output_dir=args.output_dir, scale=args.scale, seed=args.seed))
 
 
-def build_parser() -> argparse.ArgumentParser:
+COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
+    "demo": cmd_demo,
+    "collect": cmd_collect,
+    "estimate": cmd_estimate,
+    "select": cmd_select,
+    "report": cmd_report,
+}
+
+
+def _usage() -> str:
     from . import __version__
 
-    parser = argparse.ArgumentParser(
-        prog="hf-subset-select",
-        description="Choose auxiliary data sources for a target task from cached projected gradients.",
-    )
-    parser.add_argument("--version", action="version", version=f"hf-subset-select {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{demo}")
-    demo = sub.add_parser("demo", help="Run the whole pipeline on built-in toy sources (offline, CPU).")
-    demo.add_argument(
-        "--output_dir", default="hf_subset_select_demo", help="Where the demo writes its artifacts."
-    )
-    demo.add_argument(
-        "--scale", default="full", choices=["full", "test"], help="'test' is a reduced, faster run."
-    )
-    demo.add_argument("--seed", type=int, default=0, help="Seed for data, models and training.")
-    demo.set_defaults(func=_cmd_demo)
-    return parser
+    lines = [
+        f"usage: hf-subset-select {{{','.join(COMMANDS)}}} [options]   (hf-subset-select {__version__})",
+        "",
+        "Choose auxiliary data sources for a target task from cached projected gradients.",
+        "",
+        "commands:",
+    ]
+    lines += [f"  {name:<9} {(fn.__doc__ or '').strip().splitlines()[0]}" for name, fn in COMMANDS.items()]
+    lines += ["", "Run `hf-subset-select COMMAND --help` for a command's options."]
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``hf-subset-select`` console script."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser = build_parser()
-    ns = parser.parse_args(argv)
-    if getattr(ns, "func", None) is None:
-        parser.print_help()
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if args else 2
+    if args[0] == "--version":
+        from . import __version__
+
+        print(f"hf-subset-select {__version__}")
+        return 0
+    command, rest = args[0], args[1:]
+    if command not in COMMANDS:
+        print(
+            f"hf-subset-select: error: unknown command {command!r}; choose one of {list(COMMANDS)}.",
+            file=sys.stderr,
+        )
         return 2
     try:
-        ns.func(ns)
-    except (CLIError, FileNotFoundError, ValueError) as exc:
-        print(f"hf-subset-select {ns.command}: error: {exc}", file=sys.stderr)
+        COMMANDS[command](rest)
+    except (CLIError, ValueError, FileNotFoundError, KeyError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"hf-subset-select {command}: error: {message}", file=sys.stderr)
         return 2
     return 0
 

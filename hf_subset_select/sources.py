@@ -23,6 +23,8 @@ __all__ = [
     "tag_target_eval",
     "source_counts",
     "make_example_ids",
+    "load_dataset_file",
+    "parse_source_specs",
 ]
 
 SOURCE_COLUMN = "source"
@@ -184,3 +186,33 @@ def source_counts(dataset: Any) -> dict[str, int]:
     for s in dataset[SOURCE_COLUMN]:
         counts[s] = counts.get(s, 0) + 1
     return counts
+
+
+def load_dataset_file(path: str) -> Any:
+    """Load one local dataset: a .json/.jsonl/.csv/.parquet file or a ``Dataset.save_to_disk`` folder."""
+    import os
+
+    from datasets import load_dataset, load_from_disk
+
+    if os.path.isdir(path):
+        return load_from_disk(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No dataset file or folder at {path!r}.")
+    ext = os.path.splitext(path)[1].lower().lstrip(".")
+    kind = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(ext)
+    if kind is None:
+        raise ValueError(f"Cannot read {path!r}: use .json/.jsonl/.csv/.parquet or a save_to_disk folder.")
+    return load_dataset(kind, data_files=path, split="train")
+
+
+def parse_source_specs(specs: list[str]) -> dict[str, Any]:
+    """``["name=path", ...]`` -> ``{name: Dataset}`` (loaded with :func:`load_dataset_file`)."""
+    out: dict[str, Any] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ValueError(f"Source {spec!r} is not NAME=PATH (e.g. cot_gsm=data/cot_gsm.jsonl).")
+        if name.strip() in out:
+            raise ValueError(f"Source name {name.strip()!r} is given twice.")
+        out[name.strip()] = load_dataset_file(path.strip())
+    return out

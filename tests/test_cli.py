@@ -1,0 +1,166 @@
+"""The hf-subset-select command on a tiny cache: every subcommand, every --help, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from hf_subset_select.cli import COMMANDS, main
+from hf_subset_select.synthetic import make_synthetic_cache
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cache")
+    make_synthetic_cache(dim=16, examples_per_source=24, target_examples=24, seed=3).save(path)
+    return str(path)
+
+
+def test_console_script_lists_every_command():
+    out = subprocess.run(
+        [sys.executable, "-m", "hf_subset_select.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for name in ("demo", "collect", "estimate", "select", "report"):
+        assert name in out
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_help_works(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    assert f"hf-subset-select {command}" in capsys.readouterr().out
+
+
+def test_select_estimate_report_round_trip(cache_dir, tmp_path, capsys):
+    sel = tmp_path / "selection.json"
+    assert (
+        main(["select", "--cache", cache_dir, "--output", str(sel), "--num_subsets", "300", "--top_k", "2"])
+        == 0
+    )
+    saved = json.loads(sel.read_text())
+    assert sorted(saved["selected"]) == ["aligned_0", "aligned_1"]
+
+    est = tmp_path / "est.json"
+    assert (
+        main(
+            [
+                "estimate",
+                "--cache",
+                cache_dir,
+                "--subsets",
+                "aligned_0,aligned_1",
+                "opposed_0",
+                "--output",
+                str(est),
+            ]
+        )
+        == 0
+    )
+    losses = {tuple(e["subset"]): e["loss"] for e in json.loads(est.read_text())["estimates"]}
+    assert losses[("aligned_0", "aligned_1")] < losses[("opposed_0",)]
+
+    roles = tmp_path / "roles.json"
+    roles.write_text(json.dumps({"aligned_0": "helpful", "opposed_0": "harmful"}))
+    out_dir = tmp_path / "report"
+    assert (
+        main(
+            [
+                "report",
+                "--cache",
+                cache_dir,
+                "--selection",
+                str(sel),
+                "--output_dir",
+                str(out_dir),
+                "--roles",
+                str(roles),
+            ]
+        )
+        == 0
+    )
+    text = (out_dir / "report.md").read_text()
+    assert "| aligned_0 |" in text and "helpful" in text
+    assert (out_dir / "source_scores.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_config_file_and_flag_override(cache_dir, tmp_path):
+    cfg = tmp_path / "select.yaml"
+    cfg.write_text(
+        f"cache: {cache_dir}\nmethod: linear\nnum_subsets: 200\ntop_k: 1\noutput: {tmp_path / 'a.json'}\n"
+    )
+    assert main(["select", "--config", str(cfg), "--top_k", "3"]) == 0
+    saved = json.loads((tmp_path / "a.json").read_text())
+    assert saved["method"] == "linear" and len(saved["selected"]) == 3
+
+
+def _error(capsys, argv):
+    code = main(argv)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]  # progress bars aside
+    assert code == 2 and len(lines) == 1, lines
+    return lines[0]
+
+
+def test_bad_input_is_one_line_and_exit_2(cache_dir, tmp_path, capsys):
+    assert "No gradient cache" in _error(capsys, ["select", "--cache", str(tmp_path / "missing")])
+    assert "--cache is required" in _error(capsys, ["estimate"])
+    assert "Unknown source" in _error(capsys, ["estimate", "--cache", cache_dir, "--subsets", "nope"])
+    assert "unknown command" in _error(capsys, ["bogus"])
+    assert "--config" in _error(capsys, ["select", "--config", str(tmp_path / "none.yaml")])
+    # a selection made from another cache is refused by `report`
+    other = tmp_path / "other_cache"
+    make_synthetic_cache(dim=16, examples_per_source=24, target_examples=24, seed=4).save(other)
+    sel = tmp_path / "sel.json"
+    assert main(["select", "--cache", str(other), "--output", str(sel), "--num_subsets", "50"]) == 0
+    capsys.readouterr()
+    err = _error(
+        capsys, ["report", "--cache", cache_dir, "--selection", str(sel), "--output_dir", str(tmp_path / "r")]
+    )
+    assert "cache" in err.lower()
+
+
+def test_collect_from_a_meta_init_dir_and_files(tmp_path, tokenizer, capsys):
+    from hf_subset_select import GradientCache
+    from hf_subset_select.meta_init import save_meta_init
+    from hf_subset_select.toy import make_tiny_causal_lm, toy_text_dataset
+
+    theta = tmp_path / "meta_init"
+    save_meta_init(make_tiny_causal_lm("gpt2", hidden=16, layers=1), str(theta), sources={"add": 6, "rev": 5})
+    tokenizer.save_pretrained(theta)
+    files = {}
+    for name, task, n in (("add", "add", 6), ("rev", "rev", 5), ("eval", "add", 4)):
+        files[name] = tmp_path / f"{name}.jsonl"
+        toy_text_dataset(task, n, seed=len(name)).to_json(str(files[name]))
+    out = tmp_path / "cache"
+    argv = [
+        "collect",
+        "--meta_init",
+        str(theta),
+        "--train_files",
+        f"add={files['add']}",
+        f"rev={files['rev']}",
+        "--target_eval_file",
+        str(files["eval"]),
+        "--target_source",
+        "add",
+        "--proj_dim",
+        "64",
+        "--proj_type",
+        "sparse",
+        "--batch_size",
+        "4",
+        "--output_dir",
+        str(out),
+    ]
+    assert main(argv) == 0, capsys.readouterr().err
+    cache = GradientCache.load(out)
+    assert cache.dim == 64 and cache.target_source == "add"
+    assert cache.counts()["add"]["train"] == 6 and cache.counts()["rev"]["train"] == 5
+    assert int(cache.target_mask.sum()) == 4
+    # a second run with another projection seed into the same directory is refused in one line
+    err = _error(capsys, argv + ["--seed", "1"])
+    assert "overwrite" in err.lower() or "differ" in err.lower()
+    assert "--train_files" in _error(capsys, ["collect", "--meta_init", str(theta)])

@@ -85,13 +85,13 @@ class _Dist:
 
 
 def _dist() -> _Dist:
+    """Rank, world size and barrier: torch.distributed's if initialized, else accelerate's (which sets it up)."""
     import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return _Dist(dist.get_rank(), dist.get_world_size(), dist.barrier)
     from accelerate import PartialState
 
-    state = PartialState()
+    state = PartialState()  # also what accelerate's logger needs
+    if dist.is_available() and dist.is_initialized():
+        return _Dist(dist.get_rank(), dist.get_world_size(), dist.barrier)
     return _Dist(state.process_index, state.num_processes, state.wait_for_everyone)
 
 

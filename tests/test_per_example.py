@@ -18,6 +18,15 @@ from hf_subset_select.projection import make_projector
 from hf_subset_select.toy import add_lora, make_tiny_causal_lm, make_tiny_classifier
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and spinning threads stall on a shared CPU."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _examples(seed=0, lengths=(11, 7, 4, 9)):
     g = torch.Generator().manual_seed(seed)
     out = []

@@ -170,7 +170,7 @@ class DemoTasks:
             raise ValueError(f"Unknown source(s) {unknown}; known: {[self.target, *self.roles]}.")
         if include_target:
             keep.add(self.target)
-        return self.train.filter(lambda s: s in keep, input_columns="source")
+        return self.train.select([i for i, s in enumerate(self.train["source"]) if s in keep])
 
     def make_model(self, seed: int = 0, kind: str = "gpt2", pretrained: bool = True) -> Any:
         """A tiny causal LM (eager attention, no dropout) for these tasks; a fresh copy on every call.
@@ -379,15 +379,13 @@ class PadCollator:
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def _encode(dataset: Any, tokenizer: Any, max_length: int) -> Any:
-    """Tokenize prompt/completion rows (completion-only labels) and drop every other column."""
-    drop = [c for c in dataset.column_names if c not in ("input_ids", "labels")]
-    return dataset.map(
-        lambda ex: encode_example(ex, tokenizer, max_length),
-        remove_columns=drop,
-        load_from_cache_file=False,
-        keep_in_memory=True,
-    )
+def _encode(dataset: Any, tokenizer: Any, max_length: int) -> list[dict[str, list[int]]]:
+    """Tokenize prompt/completion rows (completion-only labels); every other column is dropped."""
+    out = []
+    for example in dataset:
+        enc = encode_example(example, tokenizer, max_length)
+        out.append({"input_ids": enc["input_ids"], "labels": enc["labels"]})
+    return out
 
 
 def evaluate_target(
@@ -449,7 +447,7 @@ def finetune(
     ``max_steps`` optimizer steps whatever the data size, with a linear learning-rate decay, no weight
     decay and no warm-up; data order follows ``seed``. Returns ``None`` when ``eval_dataset`` is ``None``.
     """
-    from transformers import Trainer, TrainingArguments
+    from transformers import PrinterCallback, Trainer, TrainingArguments
 
     if max_steps <= 0:
         raise ValueError(f"max_steps={max_steps}: give a positive number of optimizer steps.")
@@ -479,6 +477,7 @@ def finetune(
         trainer = Trainer(
             model=model, args=args, train_dataset=data, data_collator=PadCollator(tokenizer.pad_token_id)
         )
+        trainer.remove_callback(PrinterCallback)  # no per-run metric dicts on stdout
         start = time.perf_counter()
         out = trainer.train()
         seconds = time.perf_counter() - start
@@ -492,6 +491,10 @@ def finetune(
 # ----------------------------------------------------------------------------------------- role checks
 
 
+def _sample_var(values: Sequence[float]) -> float:
+    return statistics.variance(values) if len(values) > 1 else 0.0
+
+
 def measure_roles(
     tasks: DemoTasks,
     *,
@@ -503,15 +506,19 @@ def measure_roles(
     progress: Any = None,
     **overrides: Any,
 ) -> dict[str, Any]:
-    """Single-source fine-tunes: the target alone (every seed in ``seeds``) and target + one source.
+    """Single-source fine-tunes: the target alone and target + one source, each under several seeds.
 
     Every run starts from the same base model (``tasks.make_model(base_seed)``) with the same budget; a
     run's seed sets its data order. With ``base_seed=None`` each seed also gets its own base model, so the
     noise includes the model's initialization and pretraining. ``source_seeds`` (default: ``seeds``) are
-    the seeds used for target + source; deltas are paired by seed.
+    the seeds of the target + source runs; deltas are paired by seed.
 
-    Returns a JSON-serializable dict: ``target_alone`` (metrics per seed), ``noise`` (spread of the target
-    loss and token accuracy over seeds), and per source its ``role``, runs, paired deltas and mean deltas.
+    The noise is the spread of the target loss between seeds of one configuration: ``loss_pooled_sd``
+    pools the seed-to-seed variance over every configuration run with two or more seeds (target alone
+    and target + each source); the target-alone spread is reported too.
+
+    Returns a JSON-serializable dict: ``target_alone`` (metrics per seed), ``noise``, and per source its
+    ``role``, runs, paired deltas and mean deltas.
     """
     seeds = list(seeds)
     source_seeds = list(seeds if source_seeds is None else source_seeds)
@@ -529,6 +536,7 @@ def measure_roles(
     alone = {seed: run([], seed) for seed in seeds}
     losses = [alone[s]["loss"] for s in seeds]
     accs = [alone[s]["token_accuracy"] for s in seeds]
+    variances = [_sample_var(losses)] if len(seeds) > 1 else []
     report: dict[str, Any] = {
         "scale": tasks.scale,
         "seeds": seeds,
@@ -536,16 +544,12 @@ def measure_roles(
         "base_seed": base_seed,
         "training": {**tasks.training, **overrides},
         "target_alone": {str(s): alone[s] for s in seeds},
-        "noise": {
-            "loss_sd": statistics.pstdev(losses) if len(losses) > 1 else 0.0,
-            "loss_range": max(losses) - min(losses),
-            "token_accuracy_sd": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
-            "token_accuracy_range": max(accs) - min(accs),
-        },
         "sources": {},
     }
     for name in names:
         runs = {seed: run([name], seed) for seed in source_seeds}
+        if len(source_seeds) > 1:
+            variances.append(_sample_var([r["loss"] for r in runs.values()]))
         d_loss = [runs[s]["loss"] - alone[s]["loss"] for s in source_seeds]
         d_acc = [runs[s]["token_accuracy"] - alone[s]["token_accuracy"] for s in source_seeds]
         report["sources"][name] = {
@@ -556,6 +560,13 @@ def measure_roles(
             "mean_delta_loss": statistics.fmean(d_loss),
             "mean_delta_token_accuracy": statistics.fmean(d_acc),
         }
+    report["noise"] = {
+        "loss_pooled_sd": math.sqrt(statistics.fmean(variances)) if variances else 0.0,
+        "configurations_pooled": len(variances),
+        "target_alone_loss_sd": math.sqrt(_sample_var(losses)),
+        "target_alone_loss_range": max(losses) - min(losses),
+        "target_alone_token_accuracy_range": max(accs) - min(accs),
+    }
     return report
 
 
@@ -563,32 +574,25 @@ def check_roles(
     report: Mapping[str, Any],
     *,
     min_effect: float = 0.3,
-    noise_multiple: float = 5.0,
-    irrelevant_fraction: float = 0.15,
+    effect_noise_multiple: float = 4.0,
     irrelevant_noise_multiple: float = 3.0,
-    irrelevant_accuracy: float = 0.05,
+    irrelevant_accuracy: float = 0.03,
 ) -> list[str]:
     """The role criteria on a :func:`measure_roles` report; returns the violations (empty when all hold).
 
-    With ``noise`` = the seed-to-seed range of the target-alone loss:
+    With ``noise`` = the pooled seed-to-seed standard deviation of the target loss:
 
-    * helpful: every paired delta of the target loss is below ``-max(min_effect, noise_multiple * noise)``;
-    * harmful: every paired delta is above ``+max(min_effect, noise_multiple * noise)``;
-    * irrelevant: the mean delta's magnitude is at most ``max(irrelevant_noise_multiple * noise,
-      irrelevant_fraction * smallest helpful or harmful mean |delta|)``, and the token accuracy moves by at
-      most ``irrelevant_accuracy`` (the loss on letters the target never shows is an extrapolation, which
-      any extra training nudges; the accuracy is not).
+    * helpful: every paired delta of the target loss is below ``-max(min_effect, effect_noise_multiple * noise)``;
+    * harmful: every paired delta is above ``+max(min_effect, effect_noise_multiple * noise)``;
+    * irrelevant: the mean delta is within ``±irrelevant_noise_multiple * noise`` and the token accuracy
+      moves by at most ``irrelevant_accuracy``.
     """
-    noise = float(report["noise"]["loss_range"])
-    bar = max(min_effect, noise_multiple * noise)
+    noise = float(report["noise"]["loss_pooled_sd"])
+    if report["noise"].get("configurations_pooled", 0) == 0:
+        raise ValueError("The report has no seed-to-seed noise; run measure_roles with two or more seeds.")
+    bar = max(min_effect, effect_noise_multiple * noise)
+    irrelevant_bar = irrelevant_noise_multiple * noise
     problems: list[str] = []
-    effects = [
-        abs(info["mean_delta_loss"])
-        for info in report["sources"].values()
-        if info["role"] in ("helpful", "harmful")
-    ]
-    smallest = min(effects) if effects else math.inf
-    irrelevant_bar = max(irrelevant_noise_multiple * noise, irrelevant_fraction * smallest)
     for name, info in report["sources"].items():
         deltas = [float(d) for d in info["delta_loss"]]
         role = info["role"]

@@ -62,6 +62,7 @@ __all__ = [
     "make_demo_tasks",
     "pretraining_corpus",
     "finetune",
+    "training_arguments",
     "evaluate_target",
     "measure_roles",
     "check_roles",
@@ -216,6 +217,10 @@ class DemoTasks:
             seed=seed,
             **kwargs,
         )
+
+    def training_arguments(self, output_dir: str, seed: int = 0, **overrides: Any) -> Any:
+        """``TrainingArguments`` for this scale's fine-tuning regime (see :func:`training_arguments`)."""
+        return training_arguments(output_dir, seed=seed, **{**self.training, **overrides})
 
     def evaluate(self, model: Any) -> dict[str, float]:
         """Target metrics of ``model`` on the target evaluation split (see :func:`evaluate_target`)."""
@@ -426,6 +431,54 @@ def evaluate_target(
     }
 
 
+def training_arguments(
+    output_dir: str,
+    *,
+    max_steps: int = 300,
+    lr: float = 3e-3,
+    batch_size: int = 32,
+    seed: int = 0,
+    optim: str = "adamw_torch",
+    label_smoothing: float = 0.0,
+    epochs: float | None = None,
+    **extra: Any,
+) -> Any:
+    """``TrainingArguments`` for the demo's fine-tuning regime (the one the roles were measured with).
+
+    ``max_steps`` optimizer steps whatever the data size (or ``epochs`` passes if given, which the roles
+    were *not* measured with), linear decay, no warm-up, no weight decay, CPU, no checkpoints or logging
+    integrations, bookkeeping columns kept (``remove_unused_columns=False``). ``extra`` overrides any field.
+    """
+    from transformers import TrainingArguments
+
+    if epochs is None and max_steps <= 0:
+        raise ValueError(f"max_steps={max_steps}: give a positive number of optimizer steps (or epochs=).")
+    kwargs: dict[str, Any] = {
+        "output_dir": output_dir,
+        "per_device_train_batch_size": batch_size,
+        "max_steps": -1 if epochs is not None else max_steps,
+        "num_train_epochs": epochs if epochs is not None else 1.0,
+        "learning_rate": lr,
+        "optim": optim,
+        "lr_scheduler_type": "linear",
+        "warmup_steps": 0,
+        "weight_decay": 0.0,
+        "label_smoothing_factor": label_smoothing,
+        "seed": seed,
+        "data_seed": seed,
+        "report_to": "none",
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "logging_strategy": "no",
+        "disable_tqdm": True,
+        "use_cpu": True,
+        "dataloader_num_workers": 0,
+        "remove_unused_columns": False,
+    }
+    kwargs.update(extra)
+    return TrainingArguments(**kwargs)
+
+
 def finetune(
     model: Any,
     tokenizer: Any,
@@ -438,41 +491,30 @@ def finetune(
     seed: int = 0,
     optim: str = "adamw_torch",
     label_smoothing: float = 0.0,
+    epochs: float | None = None,
     max_length: int = MAX_LENGTH,
 ) -> FinetuneResult | None:
     """Fine-tune ``model`` in place with ``transformers.Trainer``; return target metrics on ``eval_dataset``.
 
     Rows are prompt/completion text (any format :func:`~hf_subset_select.encode.encode_example` takes),
-    trained with completion-only loss; the bookkeeping columns are dropped first. The budget is
-    ``max_steps`` optimizer steps whatever the data size, with a linear learning-rate decay, no weight
-    decay and no warm-up; data order follows ``seed``. Returns ``None`` when ``eval_dataset`` is ``None``.
+    trained with completion-only loss; the bookkeeping columns are dropped first. The regime is
+    :func:`training_arguments`: a budget of ``max_steps`` optimizer steps whatever the data size (or
+    ``epochs`` passes), linear decay, no weight decay, data order from ``seed``. The model is left in eval
+    mode. Returns ``None`` when ``eval_dataset`` is ``None``.
     """
-    from transformers import PrinterCallback, Trainer, TrainingArguments
+    from transformers import PrinterCallback, Trainer
 
-    if max_steps <= 0:
-        raise ValueError(f"max_steps={max_steps}: give a positive number of optimizer steps.")
     data = _encode(train_dataset, tokenizer, max_length)
     with tempfile.TemporaryDirectory() as tmp:
-        args = TrainingArguments(
-            output_dir=tmp,
-            per_device_train_batch_size=batch_size,
+        args = training_arguments(
+            tmp,
             max_steps=max_steps,
-            learning_rate=lr,
-            optim=optim,
-            lr_scheduler_type="linear",
-            warmup_steps=0,
-            weight_decay=0.0,
+            lr=lr,
+            batch_size=batch_size,
             seed=seed,
-            data_seed=seed,
-            report_to="none",
-            save_strategy="no",
-            eval_strategy="no",
-            logging_strategy="no",
-            disable_tqdm=True,
-            use_cpu=True,
-            dataloader_num_workers=0,
-            remove_unused_columns=False,
-            label_smoothing_factor=label_smoothing,
+            optim=optim,
+            label_smoothing=label_smoothing,
+            epochs=epochs,
         )
         trainer = Trainer(
             model=model, args=args, train_dataset=data, data_collator=PadCollator(tokenizer.pad_token_id)

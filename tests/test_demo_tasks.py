@@ -34,7 +34,7 @@ def _letters(prompt: str) -> list[str]:
     return prompt.split()[1:-1]
 
 
-def test_structure_roles_and_tags(tasks):
+def test_structure_roles_and_tags(tasks, tmp_path):
     assert set(tasks.roles.values()) == set(ROLES)
     for role in ROLES:
         assert 2 <= len(tasks.sources_with_role(role)) <= 3
@@ -54,6 +54,9 @@ def test_structure_roles_and_tags(tasks):
         tasks.subset(["nope"])
     sub = tasks.subset(["map"])
     assert set(sub["source"]) == {tasks.target, "map"}
+    args = tasks.training_arguments(str(tmp_path))
+    assert args.max_steps == tasks.training["max_steps"] > 0 and not args.remove_unused_columns
+    assert args.label_smoothing_factor == tasks.training["label_smoothing"] > 0
 
 
 def test_construction_matches_the_mechanisms(tasks):

@@ -28,7 +28,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["Projector", "make_projector", "resolve_proj_type", "PROJECTION_KINDS", "PROJECTION_SCHEME"]
+__all__ = [
+    "Projector",
+    "make_projector",
+    "projector_from_manifest",
+    "resolve_proj_type",
+    "PROJECTION_KINDS",
+    "PROJECTION_SCHEME",
+]
 
 PROJECTION_KINDS = ("rademacher", "gaussian", "sparse", "identity")
 # Bumped whenever the map generated for a given (seed, name, coordinate) changes.
@@ -335,3 +342,41 @@ def make_projector(
     num_params = sum(math.prod(int(s) for s in shape) for _, shape in items)
     kind = resolve_proj_type(kind, num_params, dim)
     return Projector(kind, dim, seed, items, nnz=nnz, chunk_size=chunk_size, cache_mb=cache_mb)
+
+
+def projector_from_manifest(
+    projection: Mapping[str, Any],
+    param_shapes: Mapping[str, Sequence[int]] | Iterable[tuple[str, Sequence[int]]],
+    *,
+    chunk_size: int = 65536,
+    cache_mb: float = 256.0,
+) -> Projector:
+    """Regenerate the projector recorded in a cache manifest's ``projection`` entry, for the given parameters.
+
+    Raises ``ValueError`` when the manifest's generator scheme is not this release's or when the parameters do not
+    add up to the recorded parameter count (a different θ* architecture or adapter).
+    """
+    scheme = projection.get("scheme", PROJECTION_SCHEME)
+    if scheme != PROJECTION_SCHEME:
+        raise ValueError(
+            f"The cache's projection was generated with scheme {scheme!r}; this release implements "
+            f"{PROJECTION_SCHEME!r}. Re-collect the cache with this release."
+        )
+    proj = make_projector(
+        str(projection["kind"]),
+        int(projection["dim"]),
+        int(projection["seed"]),
+        param_shapes,
+        nnz=int(projection.get("nnz") or 4),
+        chunk_size=chunk_size,
+        cache_mb=cache_mb,
+    )
+    expected = projection.get("num_params")
+    if expected is not None and int(expected) != proj.num_params:
+        raise ValueError(
+            f"The cache was projected from {expected} trainable parameters, these parameters number "
+            f"{proj.num_params}: load the same θ* (and adapter) the cache was collected from."
+        )
+    if proj.dim != int(projection["dim"]):
+        raise ValueError(f"Projection dimension {proj.dim} differs from the cache's {projection['dim']}.")
+    return proj

@@ -209,3 +209,35 @@ def test_eager_attention_is_switched_and_restored():
     with eager_attention(model):
         assert base.config._attn_implementation == "eager"
     assert base.config._attn_implementation == "sdpa"
+
+
+def test_seq2seq_decoder_labels_padding_invariant():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=40,
+        d_model=16,
+        d_kv=8,
+        d_ff=32,
+        num_layers=1,
+        num_heads=2,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        dropout_rate=0.0,
+    )
+    model = T5ForConditionalGeneration(config).eval()
+    spec = resolve_output_fn(model)
+    assert spec.name == "seq2seq_token_log_odds"
+    examples = [
+        {"input_ids": [5, 6, 7, 8, 9, 1], "labels": [11, 12, 1]},
+        {"input_ids": [5, 6, 1], "labels": [13, 14, 15, 16, 1]},
+        {"input_ids": [7, 1], "labels": [20, 1]},
+    ]
+    batch = collate_examples(examples, spec.kind)
+    with eager_attention(model):
+        batched = PerExampleGradients(model, spec, method="vmap")(batch)
+        looped = PerExampleGradients(model, spec, method="loop")(batch)  # unpadded, one example at a time
+    for name, g in looped.grads.items():
+        torch.testing.assert_close(batched.grads[name], g, rtol=1e-4, atol=1e-4 * float(g.abs().max()))
+    torch.testing.assert_close(batched.outputs, looped.outputs, rtol=1e-5, atol=1e-6)

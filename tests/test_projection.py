@@ -135,3 +135,15 @@ def test_same_seed_same_projection_in_another_process():
         here = make_projector(kind, 48, 7, SHAPES, chunk_size=1 << 16).project_flat(x)
         there = np.frombuffer(bytes.fromhex(lines[kind]), dtype=np.float32).reshape(1, -1)
         np.testing.assert_allclose(there, here.numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_projector_from_manifest_regenerates_the_map_or_refuses():
+    from hf_subset_select.projection import projector_from_manifest
+
+    original = make_projector("sparse", 48, 5, SHAPES, nnz=3)
+    again = projector_from_manifest(original.manifest(), SHAPES)
+    assert torch.equal(again.dense_matrix(), original.dense_matrix())
+    with pytest.raises(ValueError, match="scheme"):
+        projector_from_manifest({**original.manifest(), "scheme": "old-v0"}, SHAPES)
+    with pytest.raises(ValueError, match="same θ"):
+        projector_from_manifest(original.manifest(), {"other": (7,)})

@@ -55,13 +55,26 @@ def _env():
     return env
 
 
+def _free_port():
+    import socket
+
+    with (
+        socket.socket() as sock
+    ):  # a free port, so that parallel runs do not meet on accelerate's default 29500
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _run(args, cwd, processes=1):
     script, rest = args[0], list(args[1:])
     path = os.path.join(RECIPES, script)
     if processes == 1:
         cmd = [sys.executable, path, *rest]
     else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", CPU_2PROC, path, *rest]
+        cmd = [
+            sys.executable, "-m", "accelerate.commands.launch", "--config_file", CPU_2PROC,
+            "--main_process_port", str(_free_port()), path, *rest,
+        ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise AssertionError(
@@ -174,43 +187,55 @@ def test_target_metric_module_loads_by_path():
         metric_path("nope")
 
 
-def _fsdp_collect(out_file):
-    from accelerate import PartialState
-    from torch.distributed.fsdp import fully_shard
+# Run in fresh interpreters by torchrun: forking the test process (accelerate.debug_launcher) after torch has
+# started its intra-op threads can deadlock the children.
+_FSDP_WORKER = """
+import os, sys
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from hf_subset_select import CollectConfig, GradientCollector, tag_sources, tag_target_eval
+from hf_subset_select.per_example import ShardedParametersError
+from hf_subset_select.toy import make_tiny_causal_lm, make_tokenizer, toy_text_dataset
 
-    from hf_subset_select import CollectConfig, GradientCollector, tag_sources, tag_target_eval
-    from hf_subset_select.per_example import ShardedParametersError
-    from hf_subset_select.toy import make_tiny_causal_lm, make_tokenizer, toy_text_dataset
-
-    state = PartialState()
-    train = tag_sources(
-        {"add": toy_text_dataset("add", 4, 1), "sub": toy_text_dataset("sub", 4, 2)}, target="add"
-    )
-    target = tag_target_eval(toy_text_dataset("add", 2, 3), "add_eval")
-    model = make_tiny_causal_lm("llama", hidden=16, layers=1)
-    for layer in model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
-    collector = GradientCollector(CollectConfig(proj_dim=16), train_dataset=train, target_dataset=target)
-    try:
-        collector.collect(
-            model, make_tokenizer(), output_dir=os.path.join(os.path.dirname(out_file), "cache")
-        )
-        message = "no error"
-    except ShardedParametersError as exc:
-        message = f"ShardedParametersError: {exc}"
-    if state.is_main_process:
-        with open(out_file, "w", encoding="utf-8") as handle:
-            handle.write(message)
+dist.init_process_group("gloo")
+assert dist.get_world_size() == 2
+train = tag_sources({"add": toy_text_dataset("add", 4, 1), "sub": toy_text_dataset("sub", 4, 2)}, target="add")
+target = tag_target_eval(toy_text_dataset("add", 2, 3), "add_eval")
+model = make_tiny_causal_lm("llama", hidden=16, layers=1)
+for layer in model.model.layers:
+    fully_shard(layer)
+fully_shard(model)
+collector = GradientCollector(CollectConfig(proj_dim=16), train_dataset=train, target_dataset=target)
+try:
+    collector.collect(model, make_tokenizer(), output_dir=os.path.join(os.path.dirname(sys.argv[1]), "cache"))
+    message = "no error"
+except ShardedParametersError as exc:
+    message = f"ShardedParametersError: {exc}"
+with open(f"{sys.argv[1]}.{dist.get_rank()}", "w", encoding="utf-8") as handle:
+    handle.write(message)
+dist.destroy_process_group()
+"""
 
 
 @pytest.mark.multiprocess
 def test_fsdp_sharded_parameters_refused_by_collector(tmp_path):
-    """What docs/distributed.md states: under FSDP (2 ranks, gloo) the collector refuses with a clear error."""
-    from accelerate import debug_launcher
-
+    """What docs/distributed.md states: under FSDP2 (2 ranks, gloo) the collector refuses with a clear error."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(_FSDP_WORKER)
     out = tmp_path / "result.txt"
-    debug_launcher(_fsdp_collect, args=(str(out),), num_processes=2)
-    text = out.read_text()
-    assert text.startswith("ShardedParametersError") and "DDP / ZeRO-2" in text
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(worker),
+        str(out),
+    ]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for rank in (0, 1):  # every rank refuses, before any work
+        text = (tmp_path / f"result.txt.{rank}").read_text()
+        assert text.startswith("ShardedParametersError") and "DDP / ZeRO-2" in text
     assert not (tmp_path / "cache" / "cache.safetensors").exists()

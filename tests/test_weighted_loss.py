@@ -380,33 +380,61 @@ def test_trainer_uses_weighted_sampler(sources, tokenizer):
 
 _DDP_TABLE = {"add": 1.0, "sub": 0.4, "rev": 0.0}
 
+# Run in fresh interpreters by torchrun: forking the test process (accelerate.debug_launcher) after torch has
+# started its intra-op threads can deadlock the children.
+_DDP_WORKER = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import datasets, torch, torch.distributed as dist
+from transformers import TrainingArguments
+import test_weighted_loss as T
+from hf_subset_select.collator import SubsetSelectingDataCollator, WeightedLossTrainer
 
-def _ddp_train_one_step(dataset_path, out_path):
-    import datasets
-    from transformers import TrainingArguments
+data = datasets.load_from_disk(sys.argv[2])
+collator = SubsetSelectingDataCollator(T._trl_collator(), T._DDP_TABLE, mode="weight")
+params, trainer = T._train(
+    WeightedLossTrainer, TrainingArguments, data, collator, per_device_train_batch_size=3, max_steps=1
+)
+assert trainer.args.world_size == 2 and dist.get_world_size() == 2
+if trainer.is_world_process_zero():
+    torch.save(params, sys.argv[3])
+"""
 
-    data = datasets.load_from_disk(dataset_path)
-    params, trainer = _train(
-        WeightedLossTrainer,
-        TrainingArguments,
-        data,
-        SubsetSelectingDataCollator(_trl_collator(), _DDP_TABLE, mode="weight"),
-        per_device_train_batch_size=3,
-        max_steps=1,
+
+def _torchrun(script, args, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "worker.py"
+    path.write_text(script)
+    env = dict(
+        os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"
     )
-    assert trainer.args.world_size == 2
-    if trainer.is_world_process_zero():
-        torch.save(params, out_path)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(path),
+        *args,
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
 @pytest.mark.multiprocess
 def test_two_process_step_equals_single_process(tokenized, tmp_path):
-    from accelerate import debug_launcher
+    import os
+
     from transformers import TrainingArguments
 
     tokenized.save_to_disk(str(tmp_path / "data"))
     out = tmp_path / "ddp_params.pt"
-    debug_launcher(_ddp_train_one_step, args=(str(tmp_path / "data"), str(out)), num_processes=2)
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    _torchrun(_DDP_WORKER, [tests_dir, str(tmp_path / "data"), str(out)], tmp_path)
     single, _ = _train(
         WeightedLossTrainer,
         TrainingArguments,

@@ -206,6 +206,59 @@ def test_all_zero_batch_gives_zero_loss(tokenized):
     assert all(float(g.abs().max()) == 0.0 for g in grads.values())
 
 
+def _seq2seq_model():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=40, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, dropout_rate=0.0,
+    )  # fmt: skip
+    return T5ForConditionalGeneration(config)
+
+
+@pytest.mark.parametrize("kind", ["seq2seq", "classifier"])
+def test_other_model_kinds_weighted_equals_ordinary(kind, tokenizer):
+    """Encoder-decoder (unshifted labels) and sequence classification (one label per example)."""
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, TrainingArguments
+
+    from hf_subset_select.toy import make_tiny_classifier
+
+    if kind == "seq2seq":
+        model = _seq2seq_model()
+        base = DataCollatorForSeq2Seq(tokenizer, model=model)
+        rows = [
+            {"input_ids": [5, 6, 7, 8, 9, 1], "labels": [11, 12, 1], "source": "a"},
+            {"input_ids": [5, 6, 1], "labels": [13, 14, 15, 16, 1], "source": "b"},
+            {"input_ids": [7, 1], "labels": [20, 1], "source": "a"},
+        ]
+    else:
+        model = make_tiny_classifier(num_labels=3)
+        base = DataCollatorWithPadding(tokenizer)
+        rows = [
+            {"input_ids": [5, 6, 7, 8], "label": 2, "source": "a"},
+            {"input_ids": [5, 6], "label": 0, "source": "b"},
+            {"input_ids": [9, 10, 11], "label": 1, "source": "a"},
+        ]
+    plain = SubsetSelectTrainer(model=model, args=_args(TrainingArguments), data_collator=base)
+    weighted = WeightedLossTrainer(
+        model=model,
+        args=_args(TrainingArguments),
+        data_collator=SubsetSelectingDataCollator(base, {"a": 1.0, "b": 1.0}, mode="weight"),
+    )
+    loss_p, grads_p = _loss_and_grads(plain, model, plain.data_collator(rows))
+    loss_w, grads_w = _loss_and_grads(weighted, model, weighted.data_collator(rows))
+    torch.testing.assert_close(loss_w, loss_p, atol=1e-6, rtol=1e-6)
+    _assert_grads_close(grads_w, grads_p)
+    # weight 0 for 'b' == the batch without the 'b' example
+    zero = SubsetSelectingDataCollator(base, {"a": 1.0, "b": 0.0}, mode="weight")
+    loss_z, grads_z = _loss_and_grads(weighted, model, zero(rows))
+    without = [r for r in rows if r["source"] == "a"]
+    loss_a, grads_a = _loss_and_grads(plain, model, plain.data_collator(without))
+    torch.testing.assert_close(loss_z, loss_a, atol=1e-6, rtol=1e-5)
+    _assert_grads_close(grads_z, grads_a)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # training runs: gradient accumulation and exact removal, Trainer and SFTTrainer
 # ---------------------------------------------------------------------------------------------------------------

@@ -133,7 +133,8 @@ class DemoTasks:
         scale: ``"full"`` or ``"test"``.
         seed: the seed the data was built with.
         model_kwargs: keyword arguments for :func:`~hf_subset_select.toy.make_tiny_causal_lm`.
-        training: defaults for :func:`finetune` at this scale (``max_steps``, ``lr``, ``batch_size``, ``optim``).
+        training: the fine-tuning regime the roles were measured with: keyword arguments for :func:`finetune`
+            and :func:`training_arguments` (``max_steps``, ``lr``, ``batch_size``, ``optim``, ``label_smoothing``).
         pretrain: how the stand-in base is trained (``examples``, ``max_steps``).
         info: facts about the construction (the cipher, the letters the target's split shows, sizes).
     """

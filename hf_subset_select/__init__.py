@@ -54,6 +54,9 @@ _EXPORTS: dict[str, str] = {
     "WeightedLossTrainerMixin": "collator",
     "WeightedLossTrainer": "collator",
     "WeightedLossSFTTrainer": "collator",
+    "SourceWeightedSampler": "collator",
+    "example_weights": "collator",
+    "EXAMPLE_WEIGHT_KEY": "collator",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -81,7 +84,10 @@ if TYPE_CHECKING:  # pragma: no cover - static re-exports for type checkers and 
     )
     from .cache import GradientCache, GradientCacheError
     from .collator import (
+        EXAMPLE_WEIGHT_KEY,
+        SourceWeightedSampler,
         SubsetSelectingDataCollator,
+        example_weights,
         WeightedLossSFTTrainer,
         WeightedLossTrainer,
         WeightedLossTrainerMixin,

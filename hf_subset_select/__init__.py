@@ -87,10 +87,10 @@ if TYPE_CHECKING:  # pragma: no cover - static re-exports for type checkers and 
         EXAMPLE_WEIGHT_KEY,
         SourceWeightedSampler,
         SubsetSelectingDataCollator,
-        example_weights,
         WeightedLossSFTTrainer,
         WeightedLossTrainer,
         WeightedLossTrainerMixin,
+        example_weights,
     )
     from .collector import GradientCollector
     from .config import CollectConfig, EstimatorConfig, MetaInitConfig, SelectConfig

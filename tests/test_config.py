@@ -26,11 +26,16 @@ def test_round_trip_and_help(cls, tmp_path):
 
 
 def test_hf_argument_parser_flags_and_json(tmp_path):
-    parser = HfArgumentParser((CollectConfig, EstimatorConfig))
+    from hf_subset_select.cli import prefixed_dataclass, unprefixed
+
+    # configs that share a field name (seed) go into one parser with a prefix on one of them
+    parser = HfArgumentParser((CollectConfig, prefixed_dataclass(EstimatorConfig, "estimator_")))
     collect, est = parser.parse_args_into_dataclasses(
-        ["--proj_dim", "256", "--proj_type", "sparse", "--l2", "0.5"]
+        ["--proj_dim", "256", "--proj_type", "sparse", "--estimator_l2", "0.5", "--seed", "3"]
     )
-    assert collect.proj_dim == 256 and collect.proj_type == "sparse" and est.l2 == 0.5
+    est = unprefixed(est, EstimatorConfig, "estimator_")
+    assert collect.proj_dim == 256 and collect.proj_type == "sparse" and collect.seed == 3
+    assert isinstance(est, EstimatorConfig) and est.l2 == 0.5
     (select,) = HfArgumentParser(SelectConfig).parse_args_into_dataclasses(
         ["--method", "linear", "--top_k", "3"]
     )

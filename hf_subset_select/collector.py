@@ -456,7 +456,7 @@ class GradientCollector(TrainerCallback):
                 bar.close()
         finally:
             model.train(was_training)
-        used = "loop" if engine.used_fallback or engine.method == "loop" else "vmap"
+        used = "loop" if engine.used_fallback else engine.method
         return computed, used, compute_s
 
     def _compute_shard(

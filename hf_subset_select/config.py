@@ -165,7 +165,8 @@ class CollectConfig(ConfigMixin):
     grad_method: str = field(
         default="auto",
         metadata={
-            "help": "'auto' (torch.func vmap, falling back to a loop with a warning), 'vmap' or 'loop'."
+            "help": "'auto' (layer hooks when every trainable parameter is a Linear weight/bias, as in LoRA, else "
+            "torch.func vmap; falling back to a per-example loop with a warning), 'hooks', 'vmap' or 'loop'."
         },
     )
     proj_cache_mb: float = field(
@@ -207,7 +208,7 @@ class CollectConfig(ConfigMixin):
         _check_choice("output_fn", self.output_fn, ("auto", "token_log_odds", "classification_margin"))
         if not 0.0 < self.prob_clamp < 0.5:
             raise ValueError(f"prob_clamp must lie in (0, 0.5), got {self.prob_clamp!r}.")
-        _check_choice("grad_method", self.grad_method, ("auto", "vmap", "loop"))
+        _check_choice("grad_method", self.grad_method, ("auto", "hooks", "vmap", "loop"))
         _check_positive("shard_size", self.shard_size)
         _check_positive("proj_cache_mb", self.proj_cache_mb, allow_zero=True)
 

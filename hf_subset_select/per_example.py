@@ -1,8 +1,14 @@
 """Batched per-example gradients of a scalar output with respect to the trainable parameters.
 
-The fast path is ``torch.func``: ``vmap(grad(f))`` over the examples of a right-padded batch, where ``f``
-runs the model on one example through ``functional_call`` with the trainable parameters swapped in. One
-forward and one backward per batch, like a training step, but every example keeps its own gradient.
+Two batched paths, each one forward and one backward per batch like a training step, but every example
+keeps its own gradient:
+
+* ``hooks`` (used automatically when every trainable parameter is the weight or bias of an ``nn.Linear``,
+  which is the LoRA case): an ordinary batched forward records each trainable layer's input x, one backward
+  of ``Σ_i f_i`` to the layer outputs gives dy, and example i's weight gradient is ``Σ_t dy_it x_itᵀ``.
+  Exact because examples do not interact (per-example attention masks, eval mode).
+* ``vmap`` (any trainable parameters, e.g. full fine-tuning): ``torch.func`` ``vmap(grad(f))`` over the
+  examples, where ``f`` runs the model on one example through ``functional_call``.
 
 Two things make this exact and vmap-safe:
 
@@ -13,9 +19,9 @@ Two things make this exact and vmap-safe:
   gradient do not depend on what it is batched with (tested).
 
 While collecting, the attention kernel is switched to ``eager`` (``sdpa`` batches badly under ``vmap``) and
-switched back afterwards. If ``vmap`` fails for a model, :class:`PerExampleGradients` falls back (with a
+switched back afterwards. If the batched path fails for a model, :class:`PerExampleGradients` falls back (with a
 logged warning) to one ``torch.autograd.grad`` call per unpadded example, which gives the same numbers,
-only slower.
+only slower. A custom output function must keep examples separate (f_i may depend on example i only).
 """
 
 from __future__ import annotations
@@ -145,6 +151,23 @@ class PerExampleResult:
     representations: torch.Tensor | None
 
 
+def _linear_owners(
+    model: Any, named: Sequence[tuple[str, torch.Tensor]]
+) -> dict[str, tuple[str, str]] | None:
+    """``{param name: (module name, "weight" | "bias")}`` if every trainable parameter belongs to an nn.Linear."""
+    owners: dict[str, tuple[str, str]] = {}
+    wanted = {n for n, _ in named}
+    for module_name, module in model.named_modules():
+        for role, _param in module.named_parameters(recurse=False):
+            full = f"{module_name}.{role}" if module_name else role
+            if full not in wanted:
+                continue
+            if type(module) is not torch.nn.Linear or role not in ("weight", "bias"):
+                return None
+            owners[full] = (module_name, role)
+    return owners if set(owners) == wanted else None
+
+
 def _ensure_accelerate_state() -> None:
     """accelerate's logger needs its state; creating it is cheap and idempotent."""
     from accelerate import PartialState
@@ -183,7 +206,8 @@ class PerExampleGradients:
     Args:
         model: a transformers model (optionally PEFT-wrapped), in eval mode.
         output_spec: from :func:`~hf_subset_select.outputs.resolve_output_fn`.
-        method: ``"auto"`` (vmap, falling back to a loop with a warning), ``"vmap"`` or ``"loop"``.
+        method: ``"auto"`` (hooks when all trainable parameters are Linear weights/biases, else vmap; falling
+            back to a loop with a warning), ``"hooks"``, ``"vmap"`` or ``"loop"``.
         with_representations: also return the mean last hidden state over each example's tokens.
     """
 
@@ -195,11 +219,12 @@ class PerExampleGradients:
         method: str = "auto",
         with_representations: bool = True,
     ) -> None:
-        if method not in ("auto", "vmap", "loop"):
-            raise ValueError(f"method={method!r} is not valid; choose 'auto', 'vmap' or 'loop'.")
+        if method not in ("auto", "hooks", "vmap", "loop"):
+            raise ValueError(f"method={method!r} is not valid; choose 'auto', 'hooks', 'vmap' or 'loop'.")
         self.model = model
         self.spec = output_spec
         self.method = method
+        self.requested = method
         self.with_representations = with_representations
         self.named = trainable_parameters(model)
         check_not_sharded(model, self.named)
@@ -209,6 +234,16 @@ class PerExampleGradients:
         if output_spec.kind == "classification":
             self.causal = _probe_causal(model)
         self.used_fallback = False
+        self._linear_owners = _linear_owners(model, self.named)
+        if method == "hooks" and self._linear_owners is None:
+            raise ValueError(
+                "method='hooks' needs every trainable parameter to be the weight or bias of an nn.Linear (as in LoRA); "
+                "this model trains other parameters. Use method='vmap' (or 'auto')."
+            )
+        if method == "auto":
+            self.method = "hooks" if self._linear_owners is not None else "vmap"
+        elif method == "hooks":
+            self.method = "hooks"
 
     # ------------------------------------------------------------------ model call for one example
     def _forward_kwargs(self, batch: Mapping[str, torch.Tensor]) -> dict[str, Any]:
@@ -269,6 +304,58 @@ class PerExampleGradients:
         )
         return PerExampleResult(grads, values, reps if self.with_representations else None)
 
+    # ------------------------------------------------------------------ hooks path (Linear-only parameters)
+    def _hooks(self, batch: Mapping[str, torch.Tensor]) -> PerExampleResult:
+        """One batched forward and one backward to the outputs of the trainable Linear layers.
+
+        For ``y = x Wᵀ + b`` the gradient of example i's output f_i is ``Σ_t dy_it x_itᵀ`` (and ``Σ_t dy_it``),
+        where ``dy_i = ∂(Σ_j f_j)/∂y_i = ∂f_i/∂y_i`` because examples do not interact (per-example attention
+        masks, eval mode). Nothing is accumulated into ``.grad``.
+        """
+        assert self._linear_owners is not None
+        records: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        handles = []
+
+        def make_hook(module_name: str):
+            def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+                records.setdefault(module_name, []).append((args[0].detach(), output))
+
+            return hook
+
+        modules = dict(self.model.named_modules())
+        for module_name in {m for m, _ in self._linear_owners.values()}:
+            handles.append(modules[module_name].register_forward_hook(make_hook(module_name)))
+        try:
+            with torch.enable_grad():
+                out = self.model(**self._forward_kwargs(batch))
+                values = self.spec(out, batch)
+                outputs = [y for recs in records.values() for _, y in recs]
+                douts = torch.autograd.grad(values.sum(), outputs, allow_unused=True)
+        finally:
+            for h in handles:
+                h.remove()
+        batch_size = values.shape[0]
+        dys: dict[str, list[torch.Tensor | None]] = {}
+        i = 0
+        for module_name, recs in records.items():
+            dys[module_name] = list(douts[i : i + len(recs)])
+            i += len(recs)
+        grads: dict[str, torch.Tensor] = {}
+        for name, (module_name, role) in self._linear_owners.items():
+            shape = self.param_shapes[name]
+            total = torch.zeros((batch_size, *shape), dtype=torch.float32, device=values.device)
+            for (x, _), dy in zip(records.get(module_name, []), dys.get(module_name, [])):
+                if dy is None:
+                    continue
+                dy = dy.reshape(batch_size, -1, dy.shape[-1]).float()
+                if role == "weight":
+                    total += torch.einsum("bto,bti->boi", dy, x.reshape(batch_size, -1, x.shape[-1]).float())
+                else:
+                    total += dy.sum(1)
+            grads[name] = total
+        reps = self._representation(out, batch).detach() if self.with_representations else None
+        return PerExampleResult(grads, values.detach().float(), reps)
+
     # ------------------------------------------------------------------ loop fallback
     def _loop(self, batch: Mapping[str, torch.Tensor]) -> PerExampleResult:
         params = [p for _, p in self.named]
@@ -305,17 +392,19 @@ class PerExampleGradients:
         """Per-example gradients, outputs and representations for one right-padded batch (on the model's device)."""
         if self.method == "loop" or self.used_fallback:
             return self._loop(batch)
-        if self.method == "vmap":
+        if self.requested == "vmap":
             return self._vmap(batch)
+        if self.requested == "hooks":
+            return self._hooks(batch)
         try:
-            return self._vmap(batch)
+            return self._hooks(batch) if self.method == "hooks" else self._vmap(batch)
         except Exception as exc:  # noqa: BLE001 - any vmap incompatibility triggers the documented fallback
             if isinstance(exc, torch.cuda.OutOfMemoryError):
                 raise
             self.used_fallback = True
             _ensure_accelerate_state()
             logger.warning(
-                f"torch.func.vmap could not batch per-example gradients for {type(self.model).__name__} "
+                f"Batched per-example gradients ({self.method}) failed for {type(self.model).__name__} "
                 f"({type(exc).__name__}: {str(exc)[:300]}). Falling back to one autograd call per example: same "
                 "numbers, slower. Set CollectConfig(grad_method='loop') to silence this.",
                 main_process_only=False,

@@ -79,11 +79,16 @@ def _naive_projected(model, examples, kind, dense):
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
-@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
-def test_batched_projected_grads_equal_naive_autograd(kind, lora):
+@pytest.mark.parametrize(
+    "lora,method",
+    [(True, "hooks"), (True, "vmap"), (False, "vmap")],
+    ids=["lora-hooks", "lora-vmap", "full-vmap"],
+)
+def test_batched_projected_grads_equal_naive_autograd(kind, lora, method):
     model = _make(kind, lora)
     spec = resolve_output_fn(model)
-    engine = PerExampleGradients(model, spec, method="vmap")
+    engine = PerExampleGradients(model, spec, method=method)
+    assert PerExampleGradients(model, spec).method == ("hooks" if lora else "vmap")  # what auto picks
     proj = make_projector("rademacher", 64, 0, engine.param_shapes)
     examples = _examples()
     result = engine(collate_examples(examples, spec.kind))
@@ -96,10 +101,11 @@ def test_batched_projected_grads_equal_naive_autograd(kind, lora):
     assert result.representations.shape == (len(examples), model.config.hidden_size)
 
 
-def test_classifier_margin_grads_equal_naive_and_ignore_padding():
+@pytest.mark.parametrize("method", ["hooks", "vmap"])
+def test_classifier_margin_grads_equal_naive_and_ignore_padding(method):
     model = _make("cls", lora=True)
     spec = resolve_output_fn(model)
-    engine = PerExampleGradients(model, spec, method="vmap")
+    engine = PerExampleGradients(model, spec, method=method)
     assert engine.causal  # GPT-2 backbone detected as decoder-only by the probe
     proj = make_projector("identity", 0, 0, engine.param_shapes)
     examples = _examples(seed=3)
@@ -108,11 +114,13 @@ def test_classifier_margin_grads_equal_naive_and_ignore_padding():
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
-def test_padding_does_not_change_an_example(kind):
+@pytest.mark.parametrize(
+    "kind,method", [("gpt2", "hooks"), ("gpt2", "vmap"), ("llama", "hooks"), ("llama", "vmap")]
+)
+def test_padding_does_not_change_an_example(kind, method):
     model = _make(kind, lora=True)
     spec = resolve_output_fn(model)
-    engine = PerExampleGradients(model, spec, method="vmap")
+    engine = PerExampleGradients(model, spec, method=method)
     target = _examples(seed=5, lengths=(6,))[0]
     alone = engine(collate_examples([target], spec.kind))
     others = _examples(seed=6, lengths=(25, 3))
@@ -124,7 +132,7 @@ def test_padding_does_not_change_an_example(kind):
 
 
 def test_vmap_failure_falls_back_to_loop_with_warning(caplog):
-    model = _make("gpt2", lora=True)
+    model = _make("gpt2", lora=False)  # full fine-tuning: the vmap path
     base = resolve_output_fn(model)
 
     def python_branching_output(model_output, batch):
@@ -135,6 +143,7 @@ def test_vmap_failure_falls_back_to_loop_with_warning(caplog):
 
     spec = resolve_output_fn(model, python_branching_output)
     engine = PerExampleGradients(model, spec, method="auto")
+    assert engine.method == "vmap"
     batch = collate_examples(_examples(), spec.kind)
     with caplog.at_level(logging.WARNING):
         result = engine(batch)
@@ -145,6 +154,8 @@ def test_vmap_failure_falls_back_to_loop_with_warning(caplog):
         torch.testing.assert_close(result.grads[name], reference.grads[name], rtol=1e-5, atol=1e-7)
     with pytest.raises(RuntimeError):
         PerExampleGradients(model, spec, method="vmap")(batch)
+    with pytest.raises(ValueError, match="nn.Linear"):
+        PerExampleGradients(model, spec, method="hooks")  # full fine-tuning trains embeddings and norms too
 
 
 def _f_at(model, names, delta, ex):

@@ -147,7 +147,7 @@ def _reference_rate(model, train, proj_dim: int, limit: int) -> float:
 
 
 _MEM_CHILD = r"""
-import json, resource, sys, time, torch
+import json, sys, time, torch
 torch.set_num_threads(int(sys.argv[4]))
 from hf_subset_select.projection import make_projector
 kind, p, d = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -155,14 +155,16 @@ batch = int(sys.argv[5])
 proj = make_projector(kind, d, 0, {"w": (p,)})
 grads = {"w": torch.randn(batch, p)}
 out = torch.zeros(batch, d)
-def current_kb():
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * resource.getpagesize() // 1024
-before = current_kb()  # resident now; the peak below minus this bounds the projector's extra memory from above
+def status_kb(field):  # VmHWM (peak resident) is per address space; ru_maxrss would include the parent's peak
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+before = status_kb("VmRSS")  # resident now; the peak below minus this bounds the projector's extra memory
 t0 = time.perf_counter()
 out = proj.project(grads)
 first = time.perf_counter() - t0
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+after = status_kb("VmHWM")
 second = None
 if kind == "sparse":  # the dense kinds at p = 10M are measured for memory only (p*d work per call)
     t0 = time.perf_counter()

@@ -363,12 +363,13 @@ class FirstOrderEstimator:
         self._fast_cache = (dtype, conv)
         return conv
 
-    def _fast(
-        self, m: torch.Tensor, l2: float, want_w: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Second-order model: (Δz on the target rows (B, T), ŵ in d dims (B, d) float64 or None)."""
+    def _fast_solve(
+        self, m: torch.Tensor, l2: float
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Second-order model: the step in the kept directions (B, r), the tail coefficient (B,) or None
+        (the tail step is coef · (I - UUᵀ) Σ_k m_k grad_k), and the membership in the stats' precision."""
         st = self._prepare()
-        gram, grad, target_r, tail_trace, tail_target, tail_grad, basis = self._fast_stats()
+        gram, grad, _, tail_trace, _, _, _ = self._fast_stats()
         dtype = gram.dtype
         r = int(round(math.sqrt(gram.shape[1])))
         scale = self._scale(m).to(dtype)
@@ -391,11 +392,21 @@ class FirstOrderEstimator:
                 f"The fast path's curvature matrix is not positive definite for {len(failed)} subset(s); "
                 "λ is too small for the numerical range of the cache. Use a larger l2 or solver='exact'."
             )
-        dz = w_r @ target_r.T
-        w = None
+        coef = None
         if st.basis is not None:
             h_tail = (m @ tail_trace) * scale / max(st.tail_dims, 1)
             coef = -scale / (l2 + h_tail)
+        return w_r, coef, m
+
+    def _fast(
+        self, m: torch.Tensor, l2: float, want_w: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Second-order model: (Δz on the target rows (B, T), ŵ in d dims (B, d) float64 or None)."""
+        _, _, target_r, _, tail_target, tail_grad, basis = self._fast_stats()
+        w_r, coef, m = self._fast_solve(m, l2)
+        dz = w_r @ target_r.T
+        w = None
+        if coef is not None:
             dz = dz + coef[:, None] * (m @ tail_target)
             if want_w:
                 w = w_r @ basis.T + coef[:, None] * (m @ tail_grad)
@@ -622,6 +633,10 @@ class FirstOrderEstimator:
         rows = torch.randperm(n_rows, generator=gen)[:_REF_ROWS]
         g_rows = self._features[rows].to(torch.float64)
         in_subset = m[:, self._row_source[rows]] > 0  # (R, rows)
+        # the rows' coordinates in the kept directions and against each source's tail gradient, so that a
+        # step's output changes cost O(r) per row instead of O(d)
+        rows_r = g_rows if st.basis is None else g_rows @ st.basis
+        rows_tail = None if st.tail_grad is None else st.tail_grad @ g_rows.T  # (n, rows)
         r = int(round(math.sqrt(st.gram.shape[1])))
         total_curv = float(st.gram[:, :: r + 1].sum())
         if st.tail_trace is not None:
@@ -630,10 +645,12 @@ class FirstOrderEstimator:
 
         def rms(l2: float) -> float:
             try:
-                _, w = self._fast(m, l2, want_w=True)
+                w_r, coef, mm = self._fast_solve(m, l2)
             except FloatingPointError:  # numerically singular at this λ: an unbounded step
                 return math.inf
-            dz = w @ g_rows.T
+            dz = w_r.to(torch.float64) @ rows_r.T
+            if coef is not None:
+                dz = dz + coef.to(torch.float64)[:, None] * (mm.to(torch.float64) @ rows_tail)
             sq = (dz * dz * in_subset).sum(1) / in_subset.sum(1).clamp_min(1)
             return float(torch.median(sq.sqrt()))
 
@@ -669,20 +686,27 @@ class FirstOrderEstimator:
         step_scales: Sequence[float] | None = None,
         fit_step_scale: bool = True,
         solver: str | None = None,
+        tolerance: float = 0.05,
     ) -> dict[str, Any]:
         """Choose λ (and the step scale) that best reproduce a few real fine-tuning results.
+
+        The error of a candidate (λ, s) is the mean squared log ratio (log L̂ - log L)² over the given
+        subsets (a symmetric relative error). Among the candidates whose error is within ``tolerance``
+        (relative) of the smallest, the one closest to the current setting (distance in log λ and log s) is
+        taken: with a handful of results, this keeps the calibration from chasing noise.
 
         Args:
             real_results: {subset: true target loss} (a subset is a tuple/frozenset of source names),
                 or a list of (subset, loss) pairs. Use subsets you will not evaluate the estimator on.
-            l2_grid: λ values to try (default: the automatic λ times 10^k, k = -3 ... 3 in steps of 1/4).
+            l2_grid: λ values to try (default: the current λ times 10^k, k = -3 ... 3 in steps of 1/4).
             step_scales: step scales to try (default 10^k, k = -1.5 ... 1.5 in 61 steps; 1 included).
             fit_step_scale: fit the step scale too (else only λ, with step scale 1).
             solver: 'fast' or 'exact' (default: the configured solver).
+            tolerance: relative slack of the tie rule above (0: the plain minimum).
 
         Returns:
-            A dict with the chosen ``l2`` and ``step_scale``, and the mean relative error before/after.
-            The estimator keeps the chosen values.
+            A dict with the chosen ``l2`` and ``step_scale`` and the mean relative error on the given
+            subsets before and after. The estimator keeps the chosen values.
         """
         pairs = list(real_results.items()) if isinstance(real_results, Mapping) else list(real_results)
         if not pairs:
@@ -694,13 +718,16 @@ class FirstOrderEstimator:
                 "calibrate() needs finite, positive true losses; a NaN/inf or <= 0 loss usually means the "
                 "real fine-tune diverged. Drop that run or lower its learning rate."
             )
+        if tolerance < 0:
+            raise ValueError(f"tolerance must be >= 0, got {tolerance}.")
         m = self.membership(subsets)
         before_l2, before_scale = self.resolved_l2(), self.step_scale
-        base = before_l2
         grid = (
-            [base * 10 ** (k / 4) for k in range(-12, 13)] if l2_grid is None else [float(x) for x in l2_grid]
+            [before_l2 * 10 ** (k / 4) for k in range(-12, 13)]
+            if l2_grid is None
+            else [float(x) for x in l2_grid]
         )
-        if any(not (x > 0 and math.isfinite(x)) for x in grid):
+        if not grid or any(not (x > 0 and math.isfinite(x)) for x in grid):
             raise ValueError("l2_grid must hold finite positive values.")
         if not fit_step_scale:
             scales = [1.0]
@@ -708,30 +735,35 @@ class FirstOrderEstimator:
             scales = sorted({1.0, *[10 ** (k / 20) for k in range(-30, 31)]})
         else:
             scales = [float(x) for x in step_scales]
+            if not scales or any(not (x > 0 and math.isfinite(x)) for x in scales):
+                raise ValueError("step_scales must hold finite positive values.")
+        log_truth = truth.log()
 
-        def err(dz: torch.Tensor, s: float) -> float:
+        def errors(dz: torch.Tensor, s: float) -> tuple[float, float]:
             est = self._losses(dz, s).mean(1, dtype=torch.float64)
-            return float(((est - truth).abs() / truth).mean())
+            return float(((est.log() - log_truth) ** 2).mean()), float(((est - truth).abs() / truth).mean())
 
         dz_before, _ = self._run(m, want_w=False, solver=solver, l2=before_l2)
-        err_before = err(dz_before, before_scale)
-        best = (math.inf, before_l2, before_scale)
+        _, rel_before = errors(dz_before, before_scale)
+        table = []  # (log error, relative error, λ, s)
         for l2 in grid:
             dz, _ = self._run(m, want_w=False, solver=solver, l2=l2)
-            for s in scales:
-                e = err(dz, s)
-                # prefer the smaller deviation from step scale 1 on ties
-                if e < best[0] - 1e-12 or (
-                    abs(e - best[0]) <= 1e-12 and abs(math.log(s)) < abs(math.log(best[2]))
-                ):
-                    best = (e, l2, s)
-        self.l2, self.step_scale = best[1], best[2]
+            table.extend((*errors(dz, sc), l2, sc) for sc in scales)
+        best_err = min(row[0] for row in table)
+        near = [row for row in table if row[0] <= best_err * (1.0 + tolerance) + 1e-15]
+
+        def distance(row: tuple[float, float, float, float]) -> float:
+            return math.log(row[2] / before_l2) ** 2 + math.log(row[3] / before_scale) ** 2
+
+        chosen = min(near, key=lambda row: (distance(row), row[0]))
+        self.l2, self.step_scale = chosen[2], chosen[3]
         self.calibration = {
-            "l2": best[1],
-            "step_scale": best[2],
+            "l2": chosen[2],
+            "step_scale": chosen[3],
             "num_results": len(pairs),
-            "mean_relative_error_before": err_before,
-            "mean_relative_error_after": best[0],
+            "mean_relative_error_before": rel_before,
+            "mean_relative_error_after": chosen[1],
+            "mean_squared_log_error_after": chosen[0],
             "l2_before": before_l2,
             "step_scale_before": before_scale,
             "solver": solver or self.config.solver,

@@ -82,6 +82,11 @@ def plot_source_scores(
         if selected is not None and name in selected:
             bar.set_edgecolor("black")
             bar.set_linewidth(2.0)
+    finite = [v for v in values if not math.isnan(v)]
+    if finite:  # scores differ by little against their size: zoom on their range instead of starting at 0
+        lo, hi = min(finite), max(finite)
+        pad = 0.15 * (hi - lo or abs(hi) or 1.0)
+        ax.set_ylim(lo - pad, hi + pad)
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=30, ha="right")
     ax.set_ylabel(ylabel)
@@ -93,7 +98,7 @@ def plot_source_scores(
         handles = [Patch(color=ROLE_COLOURS[r], label=r) for r in seen]
         if selected is not None:
             handles.append(Patch(facecolor="white", edgecolor="black", linewidth=2.0, label="kept"))
-        ax.legend(handles=handles, fontsize=8, loc="best")
+        ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

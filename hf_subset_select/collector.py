@@ -317,7 +317,7 @@ class GradientCollector(TrainerCallback):
         if action == "reuse":
             dist.barrier()
             if dist.is_main:
-                remove_collection_files_except_cache(output_dir)
+                _remove_shards(output_dir)
             logger.info(f"GradientCollector: {output_dir} already holds this collection; reusing it.")
             self.cache = GradientCache.load(output_dir)
             self.cache_dir = output_dir
@@ -331,7 +331,7 @@ class GradientCollector(TrainerCallback):
                 )
                 remove_collection_files(output_dir)
             elif os.path.exists(os.path.join(output_dir, MANIFEST_NAME)):
-                remove_collection_files_except_shards(output_dir)
+                _remove_final_files(output_dir)
             os.makedirs(shards_dir, exist_ok=True)
             atomic_write_json(os.path.join(shards_dir, PROGRESS_NAME), key)
         dist.barrier()
@@ -375,7 +375,7 @@ class GradientCollector(TrainerCallback):
                 dim=projector.dim,
             )
             cache.save(output_dir)
-            remove_collection_files_except_cache(output_dir)
+            _remove_shards(output_dir)
         dist.barrier()
         self.cache = GradientCache.load(output_dir)
         self.cache_dir = output_dir
@@ -641,7 +641,7 @@ def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     return out
 
 
-def remove_collection_files_except_cache(path: str) -> None:
+def _remove_shards(path: str) -> None:
     """Drop the shards once the merged cache is written."""
     shards_dir = os.path.join(path, SHARDS_DIR)
     if not os.path.isdir(shards_dir):
@@ -653,7 +653,7 @@ def remove_collection_files_except_cache(path: str) -> None:
         os.rmdir(shards_dir)
 
 
-def remove_collection_files_except_shards(path: str) -> None:
+def _remove_final_files(path: str) -> None:
     """Drop a stale merged cache (its manifest first) while keeping shards that will be resumed."""
     for name in (MANIFEST_NAME, DATA_NAME):
         if os.path.exists(os.path.join(path, name)):

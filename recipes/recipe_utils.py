@@ -12,6 +12,7 @@ from typing import Any
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from hf_subset_select.sources import load_dataset_file  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------------------
 # arguments
@@ -73,34 +74,6 @@ class ToyModelArguments:
     toy_model_seed: int = field(default=0, metadata={"help": "Seed of the tiny model's initialization."})
 
 
-def prefixed_dataclass(cls: type, prefix: str) -> type:
-    """A copy of the config dataclass ``cls`` whose fields are named ``<prefix><field>`` (same types, defaults, help).
-
-    Lets one parser take several package configs whose field names collide (``seed``, ``output_dir``, ...).
-    Turn a parsed instance back into ``cls`` with :func:`unprefixed`.
-    """
-    import dataclasses
-    import typing
-
-    hints = typing.get_type_hints(cls)
-    specs = []
-    for f in dataclasses.fields(cls):
-        kwargs: dict[str, Any] = {"metadata": f.metadata}
-        if f.default is not dataclasses.MISSING:
-            kwargs["default"] = f.default
-        if f.default_factory is not dataclasses.MISSING:
-            kwargs["default_factory"] = f.default_factory
-        specs.append((prefix + f.name, hints[f.name], dataclasses.field(**kwargs)))
-    return dataclasses.make_dataclass(f"{cls.__name__}Arguments", specs)
-
-
-def unprefixed(parsed: Any, cls: type, prefix: str) -> Any:
-    """Build ``cls`` (validated by its ``__post_init__``) from an instance of ``prefixed_dataclass(cls, prefix)``."""
-    import dataclasses
-
-    return cls(**{f.name: getattr(parsed, prefix + f.name) for f in dataclasses.fields(cls)})
-
-
 def cpu_defaults(parser: Any) -> None:
     """Without a GPU: ``use_cpu=True`` (so two launched processes form a gloo group), no bf16, no checkpointing.
 
@@ -133,18 +106,6 @@ def parse(dataclass_types: list[type], description: str) -> tuple[Any, ...]:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _load_file(path: str) -> Any:
-    from datasets import load_dataset, load_from_disk
-
-    if os.path.isdir(path):
-        return load_from_disk(path)
-    ext = os.path.splitext(path)[1].lower().lstrip(".")
-    kind = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(ext)
-    if kind is None:
-        raise ValueError(f"Cannot read {path!r}: use .json/.jsonl/.csv/.parquet or a save_to_disk folder.")
-    return load_dataset(kind, data_files=path, split="train")
-
-
 def load_sources(data: DataArguments) -> tuple[Any, Any, str]:
     """Return (tagged training sources, tagged target evaluation split, target source name)."""
     from hf_subset_select import tag_sources, tag_target_eval
@@ -154,11 +115,11 @@ def load_sources(data: DataArguments) -> tuple[Any, Any, str]:
         raw = {}
         for spec in data.train_files:
             name, path = spec.split("=", 1)
-            raw[name.strip()] = _load_file(path.strip())
+            raw[name.strip()] = load_dataset_file(path.strip())
         target = data.target_source
         if target is None:
             raise ValueError("--target_source is required with --train_files (which source is the target?).")
-        evaluation = _load_file(data.target_eval_file)  # type: ignore[arg-type]
+        evaluation = load_dataset_file(data.target_eval_file)  # type: ignore[arg-type]
     else:
         raw = {
             task: toy_text_dataset(task, data.toy_examples_per_source, seed=data.toy_seed + i)

@@ -24,8 +24,9 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE] 
 from dataclasses import dataclass, field  # noqa: E402
 from typing import Any  # noqa: E402
 
-from recipe_utils import parse, prefixed_dataclass, unprefixed, write_json  # noqa: E402
+from recipe_utils import parse, write_json  # noqa: E402
 
+from hf_subset_select.cli import prefixed_dataclass, unprefixed  # noqa: E402
 from hf_subset_select.config import EstimatorConfig, SelectConfig  # noqa: E402
 
 ESTIMATOR_PREFIX = "estimator_"

@@ -35,11 +35,10 @@ from recipe_utils import (  # noqa: E402
     load_sources,
     load_tokenizer_and_model,
     parse,
-    prefixed_dataclass,
-    unprefixed,
     write_json,
 )
 
+from hf_subset_select.cli import prefixed_dataclass, unprefixed  # noqa: E402
 from hf_subset_select.config import CollectConfig  # noqa: E402
 
 COLLECT_PREFIX = "collect_"

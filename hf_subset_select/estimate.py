@@ -421,7 +421,11 @@ class FirstOrderEstimator:
         scale = self._scale(m)
         k = (m.to(st.gram.dtype) @ st.gram).to(torch.float64).view(-1, r, r) * scale[:, None, None]
         k.diagonal(dim1=1, dim2=2).add_(l2)
-        chol = torch.linalg.cholesky_ex(k)[0]
+        chol, info = torch.linalg.cholesky_ex(k)
+        if bool((info != 0).any()):  # numerically singular: a little jitter (it is only a preconditioner)
+            jitter = k.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-30) * 1e-6
+            k.diagonal(dim1=1, dim2=2).add_(jitter[:, None])
+            chol = torch.linalg.cholesky_ex(k)[0]
         if st.basis is None:
 
             def apply(v: torch.Tensor) -> torch.Tensor:
@@ -455,7 +459,10 @@ class FirstOrderEstimator:
         w = torch.zeros_like(b0)
         z = f.expand(m.shape[0], -1).clone()
         # warm start from the fast path's step where it lowers the objective
-        _, w_fast = self._fast(m, l2, want_w=True)
+        try:
+            _, w_fast = self._fast(m, l2, want_w=True)
+        except FloatingPointError:  # the quadratic model is singular at this λ: start from 0
+            w_fast = None
         if w_fast is not None:
             z_fast = f + w_fast @ g.T
             better = objective(z_fast, w_fast) < objective(z, w)

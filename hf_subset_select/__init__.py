@@ -49,6 +49,7 @@ _EXPORTS: dict[str, str] = {
     "gradient_similarity_selection": "baselines",
     "representation_similarity_selection": "baselines",
     "random_selection": "baselines",
+    "make_synthetic_cache": "synthetic",
     # collator.py
     "SubsetSelectingDataCollator": "collator",
     "WeightedLossTrainerMixin": "collator",
@@ -114,3 +115,4 @@ if TYPE_CHECKING:  # pragma: no cover - static re-exports for type checkers and 
         tag_sources,
         tag_target_eval,
     )
+    from .synthetic import make_synthetic_cache

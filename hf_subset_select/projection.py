@@ -223,10 +223,8 @@ class Projector:
         bits = (torch.arange(256, device=device).unsqueeze(-1) >> torch.arange(8, device=device)) & 1
         return (1.0 - 2.0 * bits.to(torch.float32)) / math.sqrt(self.dim)
 
-    def _sparse_block(
-        self, name: str, start: int, stop: int, device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Columns (int32 ``[nnz, n]``, distinct per input coordinate) and signs (int8 ±1) of the non-zeros."""
+    def _signed_columns(self, name: str, start: int, stop: int, device: torch.device) -> torch.Tensor:
+        """int32 ``[nnz, n]``: column of each non-zero, plus d when its sign is negative (one cached array)."""
         key = (name, start, str(device))
         cached = self._cache.get(key)
         if cached is not None:
@@ -234,9 +232,17 @@ class Projector:
         h = _column_hashes(_row_hashes(self._keys[name], start, stop, device), self.nnz).t()  # [nnz, n]
         lo = torch.tensor(self._block_lo, dtype=torch.int64, device=device).unsqueeze(-1)
         size = torch.tensor(self._block_size, dtype=torch.int64, device=device).unsqueeze(-1)
-        pos = (lo + torch.remainder(_lsr(h, 1), size)).to(torch.int32).contiguous()
-        sign = (1 - 2 * (h & 1)).to(torch.int8).contiguous()
-        return self._remember(key, (pos, sign), pos.numel() * 5)
+        pos = lo + torch.remainder(_lsr(h, 1), size)
+        signed = (pos + self.dim * (h & 1)).to(torch.int32).contiguous()
+        return self._remember(key, signed, signed.numel() * 4)
+
+    def _sparse_block(
+        self, name: str, start: int, stop: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Columns (int32 ``[nnz, n]``, distinct per input coordinate) and signs (int8 ±1) of the non-zeros."""
+        signed = self._signed_columns(name, start, stop, device)
+        negative = signed >= self.dim
+        return torch.where(negative, signed - self.dim, signed), (1 - 2 * negative.to(torch.int8))
 
     def _offsets(self) -> dict[str, int]:
         offsets, total = {}, 0
@@ -258,15 +264,17 @@ class Projector:
         if self.kind == "identity":
             return torch.cat([grads[n].reshape(batch, -1).float() for n in self.param_shapes], dim=1)
         if self.kind == "sparse":
-            out = torch.zeros(batch, self.dim, dtype=torch.float32, device=device)
+            # Positive and negative entries accumulate into two halves of a [B, 2d] buffer (the sign is folded
+            # into the column index), so the gradient is scattered as is: no signed copy, O(B * p * nnz) adds.
+            out2 = torch.zeros(batch, 2 * self.dim, dtype=torch.float32, device=device)
             for name in self.param_shapes:
-                flat = grads[name].reshape(batch, -1)
+                flat = grads[name].reshape(batch, -1).float()
                 for start, stop in self._chunks(name):
-                    pos, sign = self._sparse_block(name, start, stop, device)
-                    # one scatter-add of B x (nnz * n) signed values: O(B * p * nnz) in all
-                    src = (flat[:, start:stop].float().unsqueeze(1) * sign).reshape(batch, -1)
-                    index = pos.reshape(1, -1).long().expand(batch, -1)
-                    out.scatter_add_(1, index, src)
+                    signed = self._signed_columns(name, start, stop, device)
+                    part = flat[:, start:stop]
+                    for k in range(self.nnz):
+                        out2.scatter_add_(1, signed[k].long().unsqueeze(0).expand(batch, -1), part)
+            out = out2[:, : self.dim] - out2[:, self.dim :]
             return out.mul_(1.0 / math.sqrt(self.nnz))
         out = torch.zeros(batch, self.dim, dtype=torch.float32, device=device)
         for name in self.param_shapes:

@@ -165,8 +165,9 @@ class CollectConfig(ConfigMixin):
     grad_method: str = field(
         default="auto",
         metadata={
-            "help": "'auto' (layer hooks when every trainable parameter is a Linear weight/bias, as in LoRA, else "
-            "torch.func vmap; falling back to a per-example loop with a warning), 'hooks', 'vmap' or 'loop'."
+            "help": "'auto' (closed-form layer hooks when every trainable parameter sits in a Linear, GPT-2 Conv1D, "
+            "Embedding, LayerNorm or RMSNorm, checked once against torch.func; else torch.func vmap; falling back "
+            "to a per-example loop with a warning), 'hooks', 'vmap' or 'loop'."
         },
     )
     proj_cache_mb: float = field(

@@ -3,10 +3,12 @@
 Two batched paths, each one forward and one backward per batch like a training step, but every example
 keeps its own gradient:
 
-* ``hooks`` (used automatically when every trainable parameter is the weight or bias of an ``nn.Linear``,
-  which is the LoRA case): an ordinary batched forward records each trainable layer's input x, one backward
-  of ``Σ_i f_i`` to the layer outputs gives dy, and example i's weight gradient is ``Σ_t dy_it x_itᵀ``.
-  Exact because examples do not interact (per-example attention masks, eval mode).
+* ``hooks`` (used automatically when every trainable parameter sits in a layer with a closed-form rule:
+  ``nn.Linear``, which covers LoRA, GPT-2's ``Conv1D``, ``nn.Embedding``, ``nn.LayerNorm``, RMSNorm): an ordinary
+  batched forward records each trainable layer's input x, one backward of ``Σ_i f_i`` to the layer outputs
+  gives dy, and example i's gradient follows in closed form (``Σ_t dy_it x_itᵀ`` for a Linear weight). Exact
+  because examples do not interact (per-example attention masks, eval mode). Rules other than Linear are
+  checked against vmap on the first batch in ``auto`` mode.
 * ``vmap`` (any trainable parameters, e.g. full fine-tuning): ``torch.func`` ``vmap(grad(f))`` over the
   examples, where ``f`` runs the model on one example through ``functional_call``.
 
@@ -27,6 +29,7 @@ only slower. A custom output function must keep examples separate (f_i may depen
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -151,21 +154,55 @@ class PerExampleResult:
     representations: torch.Tensor | None
 
 
-def _linear_owners(
+def _rms_eps(module: torch.nn.Module) -> float | None:
+    for attr in ("variance_epsilon", "eps", "epsilon"):
+        value = getattr(module, attr, None)
+        if isinstance(value, float):
+            return value
+    return None
+
+
+def _module_rule(module: torch.nn.Module, role: str) -> str | None:
+    """Which closed-form per-example gradient rule covers ``module.<role>`` (None: not covered)."""
+    name = type(module).__name__
+    if isinstance(module, torch.nn.Linear) and role in ("weight", "bias"):
+        return "linear"
+    if name == "Conv1D" and hasattr(module, "nf") and role in ("weight", "bias"):  # transformers' GPT-2 layer
+        return "conv1d"
+    if type(module) is torch.nn.Embedding and role == "weight" and module.max_norm is None:
+        return "embedding"
+    if type(module) is torch.nn.LayerNorm and role in ("weight", "bias"):
+        return "layer_norm"
+    if name.endswith("RMSNorm") and role == "weight" and _rms_eps(module) is not None:
+        return "rms_norm"
+    return None
+
+
+def _hook_owners(
     model: Any, named: Sequence[tuple[str, torch.Tensor]]
-) -> dict[str, tuple[str, str]] | None:
-    """``{param name: (module name, "weight" | "bias")}`` if every trainable parameter belongs to an nn.Linear."""
-    owners: dict[str, tuple[str, str]] = {}
-    wanted = {n for n, _ in named}
-    for module_name, module in model.named_modules():
-        for role, _param in module.named_parameters(recurse=False):
-            full = f"{module_name}.{role}" if module_name else role
-            if full not in wanted:
+) -> tuple[dict[str, list[tuple[str, str, str]]], bool] | None:
+    """``{param name: [(module name, role, rule), ...]}`` if every trainable parameter is covered by a rule.
+
+    A parameter shared by several modules (tied embeddings) has several owners whose contributions add up.
+    The flag says whether every rule is the plain Linear one (then no runtime check is needed).
+    """
+    by_id = {id(p): n for n, p in named}
+    owners: dict[str, list[tuple[str, str, str]]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for role, param in module.named_parameters(recurse=False):
+            name = by_id.get(id(param))
+            if name is None:
                 continue
-            if type(module) is not torch.nn.Linear or role not in ("weight", "bias"):
+            rule = _module_rule(module, role)
+            if rule is None:
                 return None
-            owners[full] = (module_name, role)
-    return owners if set(owners) == wanted else None
+            entry = (module_name, role, rule)
+            if entry not in owners.setdefault(name, []):
+                owners[name].append(entry)
+    if set(owners) != set(by_id.values()):
+        return None
+    only_linear = all(rule == "linear" for entries in owners.values() for _, _, rule in entries)
+    return owners, only_linear
 
 
 def _ensure_accelerate_state() -> None:
@@ -198,6 +235,33 @@ def _probe_causal(model: Any) -> bool:
         ha = model(input_ids=a, output_hidden_states=True).hidden_states[-1][0, 0]
         hb = model(input_ids=b, output_hidden_states=True).hidden_states[-1][0, 0]
     return bool(torch.allclose(ha, hb, atol=1e-6, rtol=1e-5))
+
+
+def _layer_grad(
+    module: torch.nn.Module, role: str, rule: str, x: torch.Tensor, dy: torch.Tensor, batch_size: int
+) -> torch.Tensor:
+    """Per-example gradient ``[B, *param.shape]`` of ``module.<role>`` from its input ``x`` and output grad ``dy``."""
+    dy = dy.reshape(batch_size, -1, dy.shape[-1])
+    if role == "bias":
+        return dy.sum(1)
+    if rule == "linear":
+        return torch.einsum("bto,bti->boi", dy, x.reshape(batch_size, -1, x.shape[-1]).float())
+    if rule == "conv1d":
+        return torch.einsum("bti,bto->bio", x.reshape(batch_size, -1, x.shape[-1]).float(), dy)
+    if rule == "embedding":
+        ids = x.reshape(batch_size, -1)
+        out = torch.zeros((batch_size, *module.weight.shape), dtype=torch.float32, device=dy.device)
+        out.scatter_add_(1, ids.unsqueeze(-1).expand(-1, -1, dy.shape[-1]), dy)
+        if module.padding_idx is not None:
+            out[:, module.padding_idx] = 0.0
+        return out
+    xf = x.reshape(batch_size, -1, x.shape[-1]).float()
+    if rule == "layer_norm":
+        normed = torch.nn.functional.layer_norm(xf, module.normalized_shape, None, None, module.eps)
+    else:  # rms_norm: y = w ⊙ x / rms(x) (or (1 + w) ⊙ ...: the same gradient)
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + _rms_eps(module))
+        normed = normed.to(x.dtype).float()
+    return (dy * normed).sum(1)
 
 
 class PerExampleGradients:
@@ -234,20 +298,31 @@ class PerExampleGradients:
         if output_spec.kind == "classification":
             self.causal = _probe_causal(model)
         self.used_fallback = False
-        self._linear_owners = _linear_owners(model, self.named)
-        if method == "hooks" and self._linear_owners is None:
+        base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+        self._accepts_position_ids = "position_ids" in inspect.signature(base.forward).parameters
+        found = _hook_owners(model, self.named)
+        self._owners = found[0] if found is not None else None
+        # Closed forms beyond Linear (Conv1D, Embedding, LayerNorm, RMSNorm) are checked against vmap on the
+        # first batch in 'auto' mode, so an unusual module variant can never produce wrong numbers silently.
+        self._needs_check = found is not None and not found[1] and method == "auto"
+        if method == "hooks" and self._owners is None:
             raise ValueError(
-                "method='hooks' needs every trainable parameter to be the weight or bias of an nn.Linear (as in LoRA); "
-                "this model trains other parameters. Use method='vmap' (or 'auto')."
+                "method='hooks' needs every trainable parameter to belong to an nn.Linear (as in LoRA), a GPT-2 "
+                "Conv1D, an nn.Embedding, an nn.LayerNorm or an RMSNorm; this model trains other parameters. Use "
+                "method='vmap' (or 'auto')."
             )
         if method == "auto":
-            self.method = "hooks" if self._linear_owners is not None else "vmap"
-        elif method == "hooks":
-            self.method = "hooks"
+            self.method = "hooks" if self._owners is not None else "vmap"
 
     # ------------------------------------------------------------------ model call for one example
-    def _forward_kwargs(self, batch: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-        """Model kwargs for a batch whose leading dim is the (possibly vmapped, size-1) example."""
+    def _forward_kwargs(
+        self, batch: Mapping[str, torch.Tensor], per_example_positions: bool = False
+    ) -> dict[str, Any]:
+        """Model kwargs for a batch whose leading dim is the (possibly vmapped, size-1) example.
+
+        ``per_example_positions`` passes explicit ``position_ids`` of shape [B, L] (right padding: 0..L-1, what
+        the model would use anyway), so that a learned position embedding sees one row per example.
+        """
         keep = batch["attention_mask"].bool()  # [b, L]
         length = keep.shape[-1]
         if self.causal:
@@ -260,6 +335,9 @@ class PerExampleGradients:
             "attention_mask": _additive_mask(allowed, self.dtype),
             "output_hidden_states": self.with_representations,
         }
+        if per_example_positions and self.spec.kind != "seq2seq" and self._accepts_position_ids:
+            positions = torch.arange(length, device=keep.device)
+            kwargs["position_ids"] = positions.unsqueeze(0).expand(keep.shape[0], -1)
         if self.spec.kind == "seq2seq":
             base = (
                 self.model.get_base_model()
@@ -306,28 +384,32 @@ class PerExampleGradients:
 
     # ------------------------------------------------------------------ hooks path (Linear-only parameters)
     def _hooks(self, batch: Mapping[str, torch.Tensor]) -> PerExampleResult:
-        """One batched forward and one backward to the outputs of the trainable Linear layers.
+        """One batched forward and one backward to the outputs of the layers that hold trainable parameters.
 
-        For ``y = x Wᵀ + b`` the gradient of example i's output f_i is ``Σ_t dy_it x_itᵀ`` (and ``Σ_t dy_it``),
-        where ``dy_i = ∂(Σ_j f_j)/∂y_i = ∂f_i/∂y_i`` because examples do not interact (per-example attention
-        masks, eval mode). Nothing is accumulated into ``.grad``.
+        ``dy_i = ∂(Σ_j f_j)/∂y_i = ∂f_i/∂y_i`` because examples do not interact (per-example attention masks,
+        eval mode), so each layer's per-example parameter gradient follows in closed form from its input and dy:
+        Linear ``Σ_t dy_t x_tᵀ``; Conv1D ``Σ_t x_t dy_tᵀ``; Embedding: dy rows added at the token ids; LayerNorm /
+        RMSNorm: ``Σ_t dy_t ⊙ x̂_t`` (and ``Σ_t dy_t`` for biases). Nothing is accumulated into ``.grad``.
         """
-        assert self._linear_owners is not None
+        if self._owners is None:
+            raise RuntimeError("The hooks path does not cover this model's trainable parameters.")
         records: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         handles = []
 
         def make_hook(module_name: str):
             def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+                if not args or not isinstance(output, torch.Tensor):
+                    raise RuntimeError(f"{module_name} was called in a form the hooks path does not support.")
                 records.setdefault(module_name, []).append((args[0].detach(), output))
 
             return hook
 
-        modules = dict(self.model.named_modules())
-        for module_name in {m for m, _ in self._linear_owners.values()}:
+        modules = dict(self.model.named_modules(remove_duplicate=False))
+        for module_name in {m for entries in self._owners.values() for m, _, _ in entries}:
             handles.append(modules[module_name].register_forward_hook(make_hook(module_name)))
         try:
             with torch.enable_grad():
-                out = self.model(**self._forward_kwargs(batch))
+                out = self.model(**self._forward_kwargs(batch, per_example_positions=True))
                 values = self.spec(out, batch)
                 outputs = [y for recs in records.values() for _, y in recs]
                 douts = torch.autograd.grad(values.sum(), outputs, allow_unused=True)
@@ -341,17 +423,20 @@ class PerExampleGradients:
             dys[module_name] = list(douts[i : i + len(recs)])
             i += len(recs)
         grads: dict[str, torch.Tensor] = {}
-        for name, (module_name, role) in self._linear_owners.items():
-            shape = self.param_shapes[name]
-            total = torch.zeros((batch_size, *shape), dtype=torch.float32, device=values.device)
-            for (x, _), dy in zip(records.get(module_name, []), dys.get(module_name, [])):
-                if dy is None:
-                    continue
-                dy = dy.reshape(batch_size, -1, dy.shape[-1]).float()
-                if role == "weight":
-                    total += torch.einsum("bto,bti->boi", dy, x.reshape(batch_size, -1, x.shape[-1]).float())
-                else:
-                    total += dy.sum(1)
+        for name, entries in self._owners.items():
+            total = torch.zeros(
+                (batch_size, *self.param_shapes[name]), dtype=torch.float32, device=values.device
+            )
+            for module_name, role, rule in entries:
+                module = modules[module_name]
+                for (x, _), dy in zip(records.get(module_name, []), dys.get(module_name, [])):
+                    if dy is None:
+                        continue
+                    if x.shape[0] != batch_size or dy.shape[0] != batch_size:
+                        raise RuntimeError(
+                            f"{module_name} sees a broadcast (not per-example) input of shape {tuple(x.shape)}."
+                        )
+                    total += _layer_grad(module, role, rule, x, dy.float(), batch_size)
             grads[name] = total
         reps = self._representation(out, batch).detach() if self.with_representations else None
         return PerExampleResult(grads, values.detach().float(), reps)
@@ -388,6 +473,32 @@ class PerExampleGradients:
             torch.stack(reps) if self.with_representations else None,
         )
 
+    def _checked_hooks(self, batch: Mapping[str, torch.Tensor]) -> PerExampleResult:
+        """First batch with non-Linear rules: compare hooks with vmap; keep hooks only if they agree."""
+        self._needs_check = False
+        try:
+            fast = self._hooks(batch)
+        except Exception as exc:  # noqa: BLE001 - an unsupported layer form: use the general path
+            _ensure_accelerate_state()
+            logger.info(f"hooks path unavailable ({type(exc).__name__}: {exc}); using vmap")
+            self.method = "vmap"
+            return self(batch)
+        self.method = "vmap"
+        reference = self(batch)  # vmap (or its loop fallback)
+        agree = all(
+            torch.allclose(fast.grads[n], g, rtol=1e-3, atol=1e-3 * float(g.abs().max()) + 1e-12)
+            for n, g in reference.grads.items()
+        )
+        if agree:
+            self.method = "hooks"
+        else:
+            _ensure_accelerate_state()
+            logger.warning(
+                "The closed-form per-example gradients (hooks) disagree with torch.func on this model; using vmap.",
+                main_process_only=False,
+            )
+        return reference
+
     def __call__(self, batch: Mapping[str, torch.Tensor]) -> PerExampleResult:
         """Per-example gradients, outputs and representations for one right-padded batch (on the model's device)."""
         if self.method == "loop" or self.used_fallback:
@@ -396,6 +507,8 @@ class PerExampleGradients:
             return self._vmap(batch)
         if self.requested == "hooks":
             return self._hooks(batch)
+        if self._needs_check and self.method == "hooks":
+            return self._checked_hooks(batch)
         try:
             return self._hooks(batch) if self.method == "hooks" else self._vmap(batch)
         except Exception as exc:  # noqa: BLE001 - any vmap incompatibility triggers the documented fallback

@@ -81,14 +81,14 @@ def _naive_projected(model, examples, kind, dense):
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 @pytest.mark.parametrize(
     "lora,method",
-    [(True, "hooks"), (True, "vmap"), (False, "vmap")],
-    ids=["lora-hooks", "lora-vmap", "full-vmap"],
+    [(True, "hooks"), (True, "vmap"), (False, "hooks"), (False, "vmap")],
+    ids=["lora-hooks", "lora-vmap", "full-hooks", "full-vmap"],
 )
 def test_batched_projected_grads_equal_naive_autograd(kind, lora, method):
     model = _make(kind, lora)
     spec = resolve_output_fn(model)
     engine = PerExampleGradients(model, spec, method=method)
-    assert PerExampleGradients(model, spec).method == ("hooks" if lora else "vmap")  # what auto picks
+    assert PerExampleGradients(model, spec).method == "hooks"  # auto: every layer has a closed form here
     proj = make_projector("rademacher", 64, 0, engine.param_shapes)
     examples = _examples()
     result = engine(collate_examples(examples, spec.kind))
@@ -115,10 +115,18 @@ def test_classifier_margin_grads_equal_naive_and_ignore_padding(method):
 
 
 @pytest.mark.parametrize(
-    "kind,method", [("gpt2", "hooks"), ("gpt2", "vmap"), ("llama", "hooks"), ("llama", "vmap")]
+    "kind,method,lora",
+    [
+        ("gpt2", "hooks", True),
+        ("gpt2", "vmap", True),
+        ("llama", "hooks", True),
+        ("llama", "vmap", True),
+        ("gpt2", "hooks", False),
+        ("llama", "hooks", False),
+    ],
 )
-def test_padding_does_not_change_an_example(kind, method):
-    model = _make(kind, lora=True)
+def test_padding_does_not_change_an_example(kind, method, lora):
+    model = _make(kind, lora=lora)
     spec = resolve_output_fn(model)
     engine = PerExampleGradients(model, spec, method=method)
     target = _examples(seed=5, lengths=(6,))[0]
@@ -131,8 +139,21 @@ def test_padding_does_not_change_an_example(kind, method):
     torch.testing.assert_close(padded.representations[1], alone.representations[0], rtol=1e-5, atol=1e-6)
 
 
+class _ScaledHead(torch.nn.Module):
+    """A layer without a closed-form per-example rule: forces the vmap path."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head = head
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return self.head(x) * self.scale
+
+
 def test_vmap_failure_falls_back_to_loop_with_warning(caplog):
-    model = _make("gpt2", lora=False)  # full fine-tuning: the vmap path
+    model = _make("gpt2", lora=False)
+    model.lm_head = _ScaledHead(model.lm_head)  # no closed-form rule: auto takes the vmap path
     base = resolve_output_fn(model)
 
     def python_branching_output(model_output, batch):
@@ -155,7 +176,37 @@ def test_vmap_failure_falls_back_to_loop_with_warning(caplog):
     with pytest.raises(RuntimeError):
         PerExampleGradients(model, spec, method="vmap")(batch)
     with pytest.raises(ValueError, match="nn.Linear"):
-        PerExampleGradients(model, spec, method="hooks")  # full fine-tuning trains embeddings and norms too
+        PerExampleGradients(model, spec, method="hooks")  # the extra scale has no closed-form rule
+
+
+def test_hooks_are_checked_against_vmap_on_the_first_batch(caplog, monkeypatch):
+    import hf_subset_select.per_example as pe
+
+    model = _make("llama", lora=False)
+    spec = resolve_output_fn(model)
+    batch = collate_examples(_examples(), spec.kind)
+    reference = PerExampleGradients(model, spec, method="vmap")(batch)
+    engine = PerExampleGradients(model, spec)  # auto: hooks with RMSNorm / Embedding rules, checked once
+    assert engine.method == "hooks" and engine._needs_check
+    first = engine(batch)
+    assert engine.method == "hooks" and not engine._needs_check  # the closed forms agreed
+    for name, g in reference.grads.items():
+        torch.testing.assert_close(first.grads[name], g, rtol=1e-4, atol=1e-4 * float(g.abs().max()))
+    # a wrong closed form (simulated: RMSNorm gradients zeroed) is caught and the engine stays on vmap
+    real = pe._layer_grad
+
+    def broken(module, role, rule, x, dy, batch_size):
+        grad = real(module, role, rule, x, dy, batch_size)
+        return grad * 0 if rule == "rms_norm" else grad
+
+    monkeypatch.setattr(pe, "_layer_grad", broken)
+    wrong = PerExampleGradients(model, spec)
+    with caplog.at_level(logging.WARNING):
+        got = wrong(batch)
+    assert wrong.method == "vmap"
+    assert any("disagree" in r.getMessage() for r in caplog.records)
+    for name, g in reference.grads.items():
+        torch.testing.assert_close(got.grads[name], g, rtol=1e-5, atol=1e-7)
 
 
 def _f_at(model, names, delta, ex):

@@ -30,6 +30,7 @@ def test_ids_are_unique_deterministic_and_survive_transforms():
     assert _pairs(filtered) <= reference and len(filtered) == 20
     mapped = filtered.map(lambda e: {"prompt": e["prompt"].upper()})
     assert mapped[EXAMPLE_ID_COLUMN] == filtered[EXAMPLE_ID_COLUMN]
+    assert target_of(mapped) == "add"  # the target's name travels with the dataset too
     assert a.select([5, 1])[EXAMPLE_ID_COLUMN] == [a[5][EXAMPLE_ID_COLUMN], a[1][EXAMPLE_ID_COLUMN]]
 
 

@@ -98,7 +98,9 @@ def plot_source_scores(
         handles = [Patch(color=ROLE_COLOURS[r], label=r) for r in seen]
         if selected is not None:
             handles.append(Patch(facecolor="white", edgecolor="black", linewidth=2.0, label="kept"))
-        ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+        ax.legend(
+            handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0
+        )
     fig.tight_layout()
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -268,8 +268,23 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         labels=list(checks),
     )
     wrong = [r[0] for r in source_rows if r[-1] != "ok"]
-    summary = f"Kept {len(selection.selected)}/{len(aux)} sources; " + (
-        "every helpful source kept and every harmful one dropped." if not wrong else f"misjudged: {wrong}."
+
+    def _by_role(role: str, kept: bool) -> list[str]:
+        return [s for s in aux if tasks.roles.get(s) == role and (s in selection.selected) == kept]
+
+    harmful_kept, helpful_dropped = _by_role("harmful", True), _by_role("helpful", False)
+    summary = (
+        f"Kept {len(selection.selected)}/{len(aux)} sources ({', '.join(selection.selected) or 'none'}). "
+        + (
+            "Every harmful source dropped. "
+            if not harmful_kept
+            else f"Harmful sources kept: {harmful_kept}. "
+        )
+        + (
+            "Every helpful source kept."
+            if not helpful_dropped
+            else f"Helpful sources dropped: {helpful_dropped}."
+        )
     )
     sections = [
         (

@@ -371,18 +371,9 @@ class PadCollator:
         self.pad_token_id = int(pad_token_id)
 
     def __call__(self, features: list[Mapping[str, Any]]) -> dict[str, Any]:
-        import torch
+        from .per_example import collate_examples
 
-        width = max(len(f["input_ids"]) for f in features)
-        ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(features), width), dtype=torch.long)
-        for i, f in enumerate(features):
-            n = len(f["input_ids"])
-            ids[i, :n] = torch.as_tensor(f["input_ids"], dtype=torch.long)
-            labels[i, :n] = torch.as_tensor(f["labels"], dtype=torch.long)
-            mask[i, :n] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        return collate_examples(features, "causal_lm", pad_token_id=self.pad_token_id)
 
 
 def _encode(dataset: Any, tokenizer: Any, max_length: int) -> list[dict[str, list[int]]]:

@@ -65,13 +65,17 @@ def _trainable(model: Any) -> list[tuple[str, torch.Tensor]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def _check_not_sharded(named: Iterable[tuple[str, torch.Tensor]]) -> None:
-    for name, p in named:
-        if p.numel() == 0 or type(p).__name__ == "DTensor" or hasattr(p, "ds_id"):
-            raise MetaInitManifestError(
-                f"Parameter {name!r} is sharded across processes (FSDP / DeepSpeed ZeRO-3), so θ* cannot be saved "
-                "from one rank. Use DDP or ZeRO-2 for the meta-init run (docs/distributed.md)."
-            )
+def _check_not_sharded(model: Any) -> None:
+    """The collector's sharding check, reported as a meta-init error (θ* cannot be saved from one rank)."""
+    from .per_example import ShardedParametersError, check_not_sharded
+
+    try:
+        check_not_sharded(model)
+    except ShardedParametersError as exc:
+        raise MetaInitManifestError(
+            "Parameters are sharded across processes (FSDP / DeepSpeed ZeRO-3), so θ* cannot be saved from one "
+            "rank. Use DDP or ZeRO-2 for the meta-init run (docs/distributed.md)."
+        ) from exc
 
 
 def trainable_fingerprint(model: Any, names: Iterable[str] | None = None) -> str:
@@ -185,7 +189,7 @@ def save_meta_init(
     base_model_name_or_path: str | None = None,
 ) -> dict[str, Any]:
     """Save ``model`` as θ* with its manifest into ``output_dir`` (call on the main process only)."""
-    _check_not_sharded(model.named_parameters())
+    _check_not_sharded(model)
     manifest = build_manifest(model, sources, target_source, global_step, epoch, base_model_name_or_path)
 
     _save_dir(lambda tmp: model.save_pretrained(tmp), output_dir, manifest)

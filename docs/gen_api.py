@@ -31,6 +31,8 @@ GROUPS = [
             "GradientCollector",
             "GradientCache",
             "GradientCacheError",
+            "adam_preconditioner",
+            "PreconditionerError",
             "token_log_odds_output",
             "classification_margin_output",
             "make_projector",

@@ -42,6 +42,8 @@ _EXPORTS: dict[str, str] = {
     "GradientCache": "cache",
     "GradientCacheError": "cache",
     "GradientCollector": "collector",
+    "adam_preconditioner": "precondition",
+    "PreconditionerError": "precondition",
     # estimate.py / select.py / baselines.py
     "FirstOrderEstimator": "estimate",
     "select_sources": "select",
@@ -105,6 +107,7 @@ if TYPE_CHECKING:  # pragma: no cover - static re-exports for type checkers and 
     )
     from .meta_init import MetaInitCallback, MetaInitManifestError, load_meta_init
     from .outputs import classification_margin_output, token_log_odds_output
+    from .precondition import PreconditionerError, adam_preconditioner
     from .projection import make_projector
     from .select import SourceSelection, select_sources
     from .sources import (

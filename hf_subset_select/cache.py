@@ -6,6 +6,8 @@ On disk (see docs/cache_format.md)::
     <dir>/cache.safetensors      features [N, d] float32, outputs [N], example_id [N] int64,
                                  source_index [N] int64, split [N] int8 (0 = train, 1 = target),
                                  optional representations [N, h] float32
+    <dir>/preconditioner.safetensors   optional feature scale s per trainable parameter (Adam geometry);
+                                 its SHA-256 is in the manifest's ``precondition`` entry
 
 Collection writes shards first and merges them into ``cache.safetensors``::
 
@@ -23,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -31,6 +33,7 @@ import torch
 
 from . import __version__
 from .io_utils import atomic_save_file, atomic_write_json, read_json
+from .precondition import check_preconditioner, preconditioner_sha256
 
 __all__ = [
     "GradientCache",
@@ -45,6 +48,7 @@ __all__ = [
     "complete_shards",
     "merge_shards",
     "remove_collection_files",
+    "PRECONDITIONER_NAME",
 ]
 
 CACHE_FORMAT_VERSION = 1
@@ -54,6 +58,7 @@ MANIFEST_NAME = "manifest.json"
 DATA_NAME = "cache.safetensors"
 SHARDS_DIR = "shards"
 PROGRESS_NAME = "collection.json"
+PRECONDITIONER_NAME = "preconditioner.safetensors"
 _COLUMNS = ("features", "outputs", "example_ids", "source_index", "split")
 _SHARD_RE = re.compile(r"^shard-(\d{6,})\.json$")
 
@@ -83,6 +88,9 @@ class GradientCache:
         target_source: name of the source that is the target's own training split (or None).
         manifest: extra manifest fields (projection, output function, fingerprints, ...).
         representations: optional per-example mean last hidden states (N, h), for baselines.
+        preconditioner: optional feature scale ``s`` per trainable parameter (``{name: tensor}``): the features
+            are ``Pᵀ(s ⊙ ∇f)``, and a fitted step ``w`` maps to parameters as ``s ⊙ (P w)``
+            (see :func:`~hf_subset_select.adam_preconditioner`). None: raw gradients.
     """
 
     def __init__(
@@ -97,6 +105,7 @@ class GradientCache:
         target_source: str | None = None,
         manifest: dict[str, Any] | None = None,
         representations: Any | None = None,
+        preconditioner: Mapping[str, Any] | None = None,
     ) -> None:
         self.features = _as_tensor(features, torch.float32, "features")
         self.outputs = _as_tensor(outputs, torch.float32, "outputs")
@@ -109,6 +118,12 @@ class GradientCache:
             None if representations is None else _as_tensor(representations, torch.float32, "representations")
         )
         self.manifest = dict(manifest or {})
+        self.preconditioner: dict[str, torch.Tensor] | None = None
+        if preconditioner is not None:
+            try:
+                self.preconditioner = check_preconditioner(preconditioner)
+            except ValueError as exc:
+                raise GradientCacheError(str(exc)) from exc
         self.validate()
 
     # ------------------------------------------------------------------ checks
@@ -199,6 +214,7 @@ class GradientCache:
             target_source=self.target_source,
             manifest=self.manifest,
             representations=None if self.representations is None else self.representations[rows],
+            preconditioner=self.preconditioner,
         )
 
     def sort_by_id(self) -> GradientCache:
@@ -214,14 +230,29 @@ class GradientCache:
     def _content_fingerprint(self) -> str:
         from .io_utils import fingerprint_tensors
 
-        return fingerprint_tensors(
+        digest = fingerprint_tensors(
             [
                 ("features", self.features),
                 ("outputs", self.outputs),
                 ("example_ids", self.example_ids),
                 ("split", self.split),
             ]
-        )[:16]
+        )
+        if self.preconditioner is not None:  # same features, other geometry: another cache
+            pre = preconditioner_sha256(self.preconditioner)
+            digest = hashlib.sha256(f"{digest}:{pre}".encode()).hexdigest()
+        return digest[:16]
+
+    def precondition_info(self) -> dict[str, Any]:
+        """The manifest's ``precondition`` entry for this cache (``{"kind": "none"}`` without a preconditioner)."""
+        if self.preconditioner is None:
+            return {"kind": "none"}
+        info = dict(self.manifest.get("precondition") or {})
+        if info.get("kind") in (None, "none"):
+            info["kind"] = "custom"
+        info["sha256"] = preconditioner_sha256(self.preconditioner)
+        info["file"] = PRECONDITIONER_NAME
+        return info
 
     def __repr__(self) -> str:
         return (
@@ -244,7 +275,13 @@ class GradientCache:
         if self.representations is not None:
             tensors["representations"] = self.representations
         atomic_save_file(tensors, os.path.join(path, DATA_NAME))
+        pre_path = os.path.join(path, PRECONDITIONER_NAME)
+        if self.preconditioner is not None:
+            atomic_save_file(dict(self.preconditioner), pre_path)
+        elif os.path.exists(pre_path):  # a stale file from an earlier cache in this directory
+            os.remove(pre_path)
         manifest = dict(self.manifest)
+        manifest["precondition"] = self.precondition_info()
         manifest.update(
             {
                 "format": "hf_subset_select.gradient_cache",
@@ -298,6 +335,7 @@ class GradientCache:
         missing = [k for k in ("features", "outputs", "example_ids", "source_index", "split") if k not in t]
         if missing:
             raise GradientCacheError(f"{dpath!r} lacks {missing}; re-collect the cache.")
+        preconditioner = _load_preconditioner(path, manifest)
         cache = cls(
             t["features"],
             t["outputs"],
@@ -308,6 +346,7 @@ class GradientCache:
             target_source=manifest.get("target_source"),
             manifest=manifest,
             representations=t.get("representations"),
+            preconditioner=preconditioner,
         )
         if cache.num_examples != manifest.get("num_examples") or cache.dim != manifest.get("dim"):
             raise GradientCacheError(
@@ -315,6 +354,37 @@ class GradientCache:
                 f"({manifest.get('num_examples')} x {manifest.get('dim')}); re-collect the cache."
             )
         return cache
+
+
+def _load_preconditioner(path: str, manifest: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """The cache's preconditioner (None for ``kind == "none"`` or caches older than the key), checked by SHA-256."""
+    from safetensors.torch import load_file
+
+    info = manifest.get("precondition") or {"kind": "none"}
+    if info.get("kind", "none") == "none":
+        return None
+    ppath = os.path.join(path, PRECONDITIONER_NAME)
+    if not os.path.exists(ppath):
+        raise GradientCacheError(
+            f"{path!r} was collected with a {info.get('kind')!r} preconditioner but {PRECONDITIONER_NAME} is missing; "
+            "restore the file from where the cache was copied, or re-collect the cache."
+        )
+    try:
+        tensors = load_file(ppath)
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise GradientCacheError(f"{ppath!r} is unreadable ({exc}); re-collect the cache.") from exc
+    if preconditioner_sha256(tensors) != info.get("sha256"):
+        raise GradientCacheError(
+            f"{ppath!r} does not match the SHA-256 recorded in the manifest (modified, or copied from another cache); "
+            "restore the original file or re-collect the cache."
+        )
+    expected = (manifest.get("projection") or {}).get("num_params")
+    if expected is not None and sum(t.numel() for t in tensors.values()) != int(expected):
+        raise GradientCacheError(
+            f"{ppath!r} covers {sum(t.numel() for t in tensors.values())} parameters, the projection {expected}; "
+            "re-collect the cache."
+        )
+    return tensors
 
 
 # ---------------------------------------------------------------------- shards (collection, resume, merge)
@@ -415,10 +485,12 @@ def merge_shards(
     target_source: str | None = None,
     manifest: dict[str, Any] | None = None,
     dim: int | None = None,
+    preconditioner: Mapping[str, torch.Tensor] | None = None,
 ) -> GradientCache:
     """Concatenate shards (in the given order) into one :class:`GradientCache` (not saved; call ``.save``).
 
-    ``dim`` is the feature dimension to use when there are no rows at all.
+    ``dim`` is the feature dimension to use when there are no rows at all; ``preconditioner`` the feature scale
+    the shards were collected with (None: raw gradients).
     """
     parts: dict[str, list[torch.Tensor]] = {}
     has_reps: bool | None = None
@@ -443,6 +515,7 @@ def merge_shards(
             sources,
             target_source=target_source,
             manifest=manifest,
+            preconditioner=preconditioner,
         )
     cat = {k: torch.cat(v, dim=0) for k, v in parts.items()}
     return GradientCache(
@@ -455,13 +528,14 @@ def merge_shards(
         target_source=target_source,
         manifest=manifest,
         representations=cat.get("representations"),
+        preconditioner=preconditioner,
     )
 
 
 def remove_collection_files(path: str | os.PathLike) -> None:
     """Delete a cache directory's own files (manifest, data, shards); anything else in it is left alone."""
     path = os.fspath(path)
-    for name in (MANIFEST_NAME, DATA_NAME):
+    for name in (MANIFEST_NAME, DATA_NAME, PRECONDITIONER_NAME):
         if os.path.exists(os.path.join(path, name)):
             os.remove(os.path.join(path, name))
     shards_dir = os.path.join(path, SHARDS_DIR)

@@ -10,6 +10,9 @@ training run) or standalone on a model restored with :func:`~hf_subset_select.lo
 
 The pass never reuses the optimizer's (batch-summed) gradients: the model goes to eval mode (no dropout), every
 example gets its own gradient, and the previous train/eval mode and attention kernel are restored afterwards.
+By default (``CollectConfig.precondition="auto"``) each per-example gradient is scaled by Adam's feature scale
+``s = (sqrt(v̂) + eps)^(-1/2)`` read from the meta-training optimizer before it is projected, so the estimate works
+in AdamW's geometry (docs/method.md, "Adam geometry"); the scale is stored with the cache.
 
 Examples are put in a canonical order (split, then ``example_id``) and cut into numbered shards; each process
 of a distributed run takes every k-th shard, writes it atomically, and the main process merges the shards
@@ -36,6 +39,7 @@ from .cache import (
     CACHE_FORMAT_VERSION,
     DATA_NAME,
     MANIFEST_NAME,
+    PRECONDITIONER_NAME,
     PROGRESS_NAME,
     SHARDS_DIR,
     SPLIT_TARGET,
@@ -57,6 +61,14 @@ from .per_example import (
     collate_examples,
     eager_attention,
     trainable_parameters,
+)
+from .precondition import (
+    PreconditionerError,
+    adam_preconditioner,
+    adam_state_summary,
+    check_preconditioner,
+    preconditioner_sha256,
+    scale_gradients,
 )
 from .projection import Projector, make_projector
 from .sources import EXAMPLE_ID_COLUMN, SOURCE_COLUMN, target_of
@@ -213,7 +225,11 @@ class GradientCollector(TrainerCallback):
         tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor wraps its tokenizer
         output_dir = self.config.output_dir or os.path.join(args.output_dir, "grad_cache")
         self.collect(
-            model, tokenizer, output_dir=output_dir, disable_tqdm=bool(getattr(args, "disable_tqdm", False))
+            model,
+            tokenizer,
+            output_dir=output_dir,
+            disable_tqdm=bool(getattr(args, "disable_tqdm", False)),
+            optimizer=kwargs.get("optimizer"),
         )
 
     # ------------------------------------------------------------------ planning
@@ -272,15 +288,25 @@ class GradientCollector(TrainerCallback):
         output_dir: str | os.PathLike | None = None,
         *,
         disable_tqdm: bool = False,
+        optimizer: Any = None,
+        preconditioner: Mapping[str, torch.Tensor] | None = None,
     ) -> GradientCache:
         """Run the collection pass on ``model`` (θ*) and return the merged :class:`GradientCache`.
 
         Every process of a distributed run must call this. Returns the cache on every process.
 
+        Args:
+            optimizer: the meta-training optimizer (torch Adam/AdamW, possibly wrapped by accelerate); with
+                ``config.precondition`` "auto" or "adam" its preconditioner scales the gradients. The Trainer
+                callback passes the Trainer's optimizer.
+            preconditioner: an explicit feature scale ``{name: tensor}`` per trainable parameter instead of
+                ``optimizer`` (recorded as kind "custom").
+
         Raises:
             CollectionMismatchError: ``output_dir`` holds a cache or partial collection made with other settings,
                 parameters or data (and ``config.overwrite`` is False).
             ShardedParametersError: parameters are sharded (FSDP / ZeRO-3).
+            PreconditionerError: ``config.precondition="adam"`` and the optimizer has no Adam state.
         """
         cfg = self.config
         output_dir = os.fspath(output_dir or cfg.output_dir or "")
@@ -303,12 +329,13 @@ class GradientCollector(TrainerCallback):
             chunk_size=cfg.proj_chunk_size,
             cache_mb=cfg.proj_cache_mb,
         )
+        scale, precondition = self._preconditioner(model, named, optimizer, preconditioner, dist)
         sources, items, digests, skipped, skipped_ids = self._plan(spec, tokenizer)
         target_source = cfg.target_source or target_of(self.train_dataset)
         if target_source is not None and target_source not in sources:
             raise ValueError(f"target_source={target_source!r} is not among the collected sources {sources}.")
         theta_fp = fingerprint_tensors(named)
-        key = self._collection_key(spec, projector, theta_fp, sources, items, digests)
+        key = self._collection_key(spec, projector, theta_fp, sources, items, digests, precondition)
         num_shards = (len(items) + cfg.shard_size - 1) // cfg.shard_size
         shards_dir = os.path.join(output_dir, SHARDS_DIR)
 
@@ -345,7 +372,18 @@ class GradientCollector(TrainerCallback):
             min(cfg.shard_size, len(items) - i * cfg.shard_size) for i in range(num_shards) if i not in done
         )
         computed, method_used, compute_s = self._run_shards(
-            model, tokenizer, spec, projector, items, mine, shards_dir, key, todo_rows, dist, disable_tqdm
+            model,
+            tokenizer,
+            spec,
+            projector,
+            items,
+            mine,
+            shards_dir,
+            key,
+            todo_rows,
+            dist,
+            disable_tqdm,
+            scale,
         )
         dist.barrier()
 
@@ -360,6 +398,7 @@ class GradientCollector(TrainerCallback):
             manifest = self._manifest(
                 key, projector, spec, theta_fp, model, skipped, skipped_ids, dist, method_used
             )
+            manifest["precondition"] = precondition
             manifest["collection_stats"] = {
                 "examples_computed_main_process": computed,
                 "examples_reused_from_shards": reused,
@@ -373,6 +412,7 @@ class GradientCollector(TrainerCallback):
                 target_source=target_source,
                 manifest=manifest,
                 dim=projector.dim,
+                preconditioner=scale,
             )
             cache.save(output_dir)
             _remove_shards(output_dir)
@@ -390,11 +430,12 @@ class GradientCollector(TrainerCallback):
             "compute_seconds": compute_s,
             "examples_per_s": rate,
             "grad_method": method_used,
+            "precondition": precondition["kind"],
         }
         logger.info(
             f"GradientCollector: {len(items)} examples in {elapsed:.1f}s ({computed} computed on this process at "
             f"{rate:.1f} examples/s, {reused} reused from shards, {sum(skipped.values())} skipped without supervised "
-            f"tokens), d={projector.dim} ({projector.kind}), written to {output_dir}"
+            f"tokens), d={projector.dim} ({projector.kind}), precondition={precondition['kind']}, written to {output_dir}"
         )
         return self.cache
 
@@ -411,6 +452,7 @@ class GradientCollector(TrainerCallback):
         todo_rows: int,
         dist: _Dist,
         disable_tqdm: bool,
+        scale: Mapping[str, torch.Tensor] | None = None,
     ) -> tuple[int, str, float]:
         from tqdm.auto import tqdm
 
@@ -441,7 +483,7 @@ class GradientCollector(TrainerCallback):
                     rows = items[index * cfg.shard_size : (index + 1) * cfg.shard_size]
                     t0 = time.perf_counter()
                     tensors = self._compute_shard(
-                        engine, projector, spec, tokenizer, rows, pad_id, device, bar
+                        engine, projector, spec, tokenizer, rows, pad_id, device, bar, scale
                     )
                     compute_s += time.perf_counter() - t0
                     computed += len(rows)
@@ -469,8 +511,11 @@ class GradientCollector(TrainerCallback):
         pad_id: int,
         device: torch.device,
         bar: Any,
+        scale: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         cfg = self.config
+        if scale is not None:  # moved to the gradients' device once per shard, not once per batch
+            scale = {n: s.to(device) for n, s in scale.items()}
         encoded = [self._encode(self._dataset(r.split), r.row, spec, tokenizer) for r in rows]
         # Longest first: batches of similar length waste less compute on padding (results do not depend on it).
         order = sorted(range(len(rows)), key=lambda i: -len(encoded[i]["input_ids"]))
@@ -482,7 +527,9 @@ class GradientCollector(TrainerCallback):
             batch = collate_examples([encoded[i] for i in idx], spec.kind, pad_token_id=pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
             result = engine(batch)
-            proj = projector.project(result.grads)
+            # {name: [B, *shape]} from every gradient path (hooks, vmap, loop); Adam's geometry scales it here
+            grads = result.grads if scale is None else scale_gradients(result.grads, scale)
+            proj = projector.project(grads)
             features[idx] = proj.detach().float().cpu()
             outputs[idx] = result.outputs.detach().float().cpu()
             if result.representations is not None:
@@ -501,6 +548,51 @@ class GradientCollector(TrainerCallback):
             tensors["representations"] = reps
         return tensors
 
+    # ------------------------------------------------------------------ preconditioning
+    def _preconditioner(
+        self,
+        model: Any,
+        named: Sequence[tuple[str, torch.Tensor]],
+        optimizer: Any,
+        preconditioner: Mapping[str, torch.Tensor] | None,
+        dist: _Dist,
+    ) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
+        """The feature scale to apply (or None) and the manifest's ``precondition`` entry."""
+        mode = self.config.precondition
+        shapes = [(n, tuple(p.shape)) for n, p in named]
+        if preconditioner is not None and optimizer is not None:
+            raise ValueError("Pass either optimizer= or preconditioner= to collect(), not both.")
+        if mode == "none":
+            if preconditioner is not None:
+                raise ValueError(
+                    "collect(preconditioner=...) was given but CollectConfig(precondition='none') asks for raw "
+                    "gradients; drop the argument or set precondition='auto'."
+                )
+            return None, {"kind": "none"}
+        scale: dict[str, torch.Tensor] | None = None
+        info: dict[str, Any] = {"kind": "none"}
+        error: PreconditionerError | None = None
+        if preconditioner is not None:
+            scale = check_preconditioner(preconditioner, shapes)
+            info = {"kind": "custom"}
+        else:
+            try:
+                scale = check_preconditioner(adam_preconditioner(optimizer, model), shapes)
+                info = {"kind": "adam", **adam_state_summary(optimizer, model)}
+            except PreconditionerError as exc:
+                error = exc
+        if scale is not None:
+            info["sha256"] = preconditioner_sha256(scale)
+        # every rank reaches this point (errors are raised after it), so no rank waits for one that gave up
+        _check_same_on_every_rank(info.get("sha256") or ("error" if error else "none"), dist)
+        if error is not None:
+            if mode == "adam":
+                raise error
+            logger.info(
+                f"GradientCollector: precondition='auto' collects raw gradients (no Adam preconditioner: {error})"
+            )
+        return scale, info
+
     # ------------------------------------------------------------------ manifest and resume checks
     def _collection_key(
         self,
@@ -510,6 +602,7 @@ class GradientCollector(TrainerCallback):
         sources: Sequence[str],
         items: Sequence[_Item],
         digests: Sequence[bytes],
+        precondition: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         cfg = self.config
         ids = hashlib.sha256()
@@ -530,6 +623,9 @@ class GradientCollector(TrainerCallback):
             "shard_size": cfg.shard_size,
             "representations": cfg.representations,
         }
+        if precondition is not None and precondition.get("kind", "none") != "none":
+            # only when scaled, so that caches collected before preconditioning existed are still reused
+            key["precondition"] = {"kind": precondition["kind"], "sha256": precondition["sha256"]}
         key["digest"] = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         return key
 
@@ -623,6 +719,8 @@ def _same(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 
 def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     labels = {
+        "precondition": "the gradient preconditioner (optimizer state) differs: on disk "
+        f"{(old.get('precondition') or {}).get('kind', 'none')}, now {(new.get('precondition') or {}).get('kind', 'none')}",
         "theta_fingerprint": "the model parameters (θ*) differ",
         "dataset_fingerprint": "the examples (ids, sources or token content) differ",
     }
@@ -641,6 +739,22 @@ def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def _check_same_on_every_rank(digest: str, dist: _Dist) -> None:
+    """Every rank must scale by the same preconditioner (DDP keeps optimizer states identical; ZeRO does not)."""
+    import torch.distributed as tdist
+
+    if dist.world <= 1 or not (tdist.is_available() and tdist.is_initialized()):
+        return
+    digests: list[Any] = [None] * dist.world
+    tdist.all_gather_object(digests, digest)
+    if len(set(digests)) != 1:
+        raise PreconditionerError(
+            "The processes hold different optimizer states, so their Adam preconditioners differ (a partitioned "
+            "optimizer?). Collect with CollectConfig(precondition='none'), or on one process with "
+            "collect(..., preconditioner=adam_preconditioner(optimizer, model))."
+        )
+
+
 def _remove_shards(path: str) -> None:
     """Drop the shards once the merged cache is written."""
     shards_dir = os.path.join(path, SHARDS_DIR)
@@ -655,7 +769,7 @@ def _remove_shards(path: str) -> None:
 
 def _remove_final_files(path: str) -> None:
     """Drop a stale merged cache (its manifest first) while keeping shards that will be resumed."""
-    for name in (MANIFEST_NAME, DATA_NAME):
+    for name in (MANIFEST_NAME, DATA_NAME, PRECONDITIONER_NAME):
         if os.path.exists(os.path.join(path, name)):
             os.remove(os.path.join(path, name))
 

@@ -183,6 +183,16 @@ class CollectConfig(ConfigMixin):
             "help": "Also store each example's mean last hidden state (for the representation-similarity baseline)."
         },
     )
+    precondition: str = field(
+        default="auto",
+        metadata={
+            "help": "Scale per-example gradients by Adam's feature scale (sqrt(v_hat) + eps)^(-1/2) of the "
+            "meta-training optimizer before projecting, so the estimate works in AdamW's geometry "
+            "(docs/method.md, 'Adam geometry'). 'auto': Adam's when the collector runs as a Trainer callback "
+            "whose optimizer has Adam state (or collect() gets optimizer=/preconditioner=), else raw gradients; "
+            "'adam': required (error if unavailable); 'none': raw gradients."
+        },
+    )
     shard_size: int = field(default=1024, metadata={"help": "Examples per on-disk shard (unit of resume)."})
     output_dir: str | None = field(
         default=None,
@@ -210,6 +220,7 @@ class CollectConfig(ConfigMixin):
         if not 0.0 < self.prob_clamp < 0.5:
             raise ValueError(f"prob_clamp must lie in (0, 0.5), got {self.prob_clamp!r}.")
         _check_choice("grad_method", self.grad_method, ("auto", "hooks", "vmap", "loop"))
+        _check_choice("precondition", self.precondition, ("auto", "adam", "none"))
         _check_positive("shard_size", self.shard_size)
         _check_positive("proj_cache_mb", self.proj_cache_mb, allow_zero=True)
 

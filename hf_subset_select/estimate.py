@@ -848,6 +848,12 @@ class FirstOrderEstimator:
         pad = getattr(tokenizer, "pad_token_id", None) or 0
         steps = self.fitted_steps(subsets, solver=solver)
         params = dict(named)
+        scale = self.cache.preconditioner  # features were Pᵀ(s ⊙ ∇f), so the step in parameters is s ⊙ (P w)
+        if scale is not None and set(scale) != set(params):
+            raise ValueError(
+                "The cache's preconditioner does not cover this model's trainable parameters; load the same θ* "
+                "(load_meta_init(path, is_trainable=True)) the cache was collected from."
+            )
         original = {n: p.detach().clone() for n, p in named}
         was_training = model.training
         model.eval()
@@ -855,6 +861,8 @@ class FirstOrderEstimator:
         try:
             for w in steps:
                 delta = projector.lift(w.to(torch.float32))
+                if scale is not None:
+                    delta = {n: d * scale[n] for n, d in delta.items()}
                 with torch.no_grad():
                     for n, p in params.items():
                         p.copy_(original[n] + delta[n].to(p.dtype).to(p.device))

@@ -337,9 +337,11 @@ def test_callback_in_a_transformers_trainer(tmp_path, toy_sources, tokenizer):
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)
     cache = GradientCache.load(tmp_path / "run" / "grad_cache")
     assert cache.num_examples == 36 and collector.cache is not None
-    # the pass ran at the trained θ* (not at the initial parameters, not on optimizer gradients)
+    # the pass ran at the trained θ* (not at the initial parameters, not on optimizer gradients); by default
+    # (precondition="auto") in the geometry of the Trainer's AdamW, which collect(optimizer=...) reproduces
+    assert cache.manifest["precondition"]["kind"] == "adam"
     standalone = GradientCollector(_config(), train, target_eval, tokenizer).collect(
-        model, output_dir=tmp_path / "s"
+        model, output_dir=tmp_path / "s", optimizer=trainer.optimizer
     )
     torch.testing.assert_close(cache.features, standalone.features, rtol=1e-5, atol=1e-7)
     assert cache.manifest["theta_fingerprint"] == standalone.manifest["theta_fingerprint"]

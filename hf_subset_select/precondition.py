@@ -1,0 +1,210 @@
+"""Adam's per-coordinate preconditioner as a feature scale for the gradient cache.
+
+AdamW fine-tuning from θ* moves the parameters by roughly Δθ ≈ -η D⁻¹ Σ_i r_i ∇f_i with
+D = sqrt(v̂) + eps (v̂ the bias-corrected second-moment estimate of the optimizer). The first-order change of
+example j's output is then -η Σ_i r_i ∇f_jᵀ D⁻¹ ∇f_i = -η Σ_i r_i (s ⊙ ∇f_j)ᵀ (s ⊙ ∇f_i) with s = D^(-1/2).
+Collecting the features g_i = Pᵀ(s ⊙ ∇f_i) therefore lets the unchanged estimator fit its step in Adam's
+geometry; a fitted step w maps back to parameters as Δθ = s ⊙ (P w). See docs/method.md ("Adam geometry").
+(LESS, Xia et al. 2024, also uses Adam-preconditioned gradient features for data selection.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+__all__ = [
+    "PreconditionerError",
+    "adam_preconditioner",
+    "adam_state_summary",
+    "preconditioner_sha256",
+    "check_preconditioner",
+    "scale_gradients",
+    "unwrap_optimizer",
+]
+
+
+class PreconditionerError(ValueError):
+    """Adam's preconditioner cannot be read from this optimizer, or a given preconditioner does not fit the model."""
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The optimizer that holds the per-parameter state (accelerate's ``AcceleratedOptimizer`` wraps it)."""
+    seen = 0
+    while hasattr(optimizer, "optimizer") and optimizer.optimizer is not optimizer and seen < 8:
+        inner = optimizer.optimizer
+        if not hasattr(inner, "param_groups") or not hasattr(inner, "state"):
+            break
+        optimizer, seen = inner, seen + 1
+    return optimizer
+
+
+def _step_value(step: Any) -> float:
+    return float(step.item()) if isinstance(step, torch.Tensor) else float(step)
+
+
+def _adam_entries(optimizer: Any, model: Any) -> list[tuple[str, torch.Tensor, float, float, float, bool]]:
+    """``(name, second moment, step, beta2, eps, amsgrad)`` per trainable parameter, or PreconditionerError."""
+    from .per_example import trainable_parameters
+
+    if optimizer is None:
+        raise PreconditionerError(
+            "No optimizer was given, so Adam's preconditioner cannot be read. Run the collector as a Trainer "
+            "callback, pass collect(..., optimizer=trainer.optimizer), or set CollectConfig(precondition='none')."
+        )
+    inner = unwrap_optimizer(optimizer)
+    kind = type(inner).__name__
+    groups = getattr(inner, "param_groups", None)
+    state = getattr(inner, "state", None)
+    if groups is None or state is None:
+        raise PreconditionerError(
+            f"The optimizer {kind} has no param_groups/state; Adam's preconditioner needs a torch Adam/AdamW "
+            "optimizer. Use CollectConfig(precondition='none') for raw gradients."
+        )
+    group_of = {id(p): g for g in groups for p in g.get("params", [])}
+    entries = []
+    for name, param in trainable_parameters(model):
+        group = group_of.get(id(param))
+        if group is None:
+            raise PreconditionerError(
+                f"Trainable parameter {name!r} is not among the parameters of the optimizer {kind} (a partitioned "
+                "optimizer such as DeepSpeed ZeRO keeps flattened copies, or the optimizer was built for another "
+                "model). Collect with precondition='none', or from an optimizer over this model's parameters."
+            )
+        pstate = state.get(param) or {}
+        if "exp_avg_sq" not in pstate:
+            has = sorted(pstate) if pstate else "no state yet (the optimizer has not stepped on it)"
+            raise PreconditionerError(
+                f"The optimizer {kind} keeps no per-parameter 'exp_avg_sq' for {name!r} ({has}); Adam's "
+                "preconditioner needs torch Adam/AdamW state after at least one step (SGD, Adafactor and 8-bit "
+                "optimizers do not have it). Use CollectConfig(precondition='none') for raw gradients."
+            )
+        betas, eps = group.get("betas"), group.get("eps")
+        if betas is None or eps is None or len(betas) != 2:
+            raise PreconditionerError(
+                f"The optimizer {kind}'s parameter group has no Adam betas/eps; use precondition='none'."
+            )
+        step = _step_value(pstate.get("step", 0))
+        if step <= 0:
+            raise PreconditionerError(
+                f"The optimizer state of {name!r} is at step {step:g}; run at least one optimizer step first, or "
+                "use precondition='none'."
+            )
+        amsgrad = bool(group.get("amsgrad", False)) and "max_exp_avg_sq" in pstate
+        moment = pstate["max_exp_avg_sq"] if amsgrad else pstate["exp_avg_sq"]
+        if not isinstance(moment, torch.Tensor) or tuple(moment.shape) != tuple(param.shape):
+            raise PreconditionerError(
+                f"The optimizer {kind}'s second moment for {name!r} does not have the parameter's shape "
+                f"{tuple(param.shape)} (a partitioned or factored state); use precondition='none'."
+            )
+        entries.append((name, moment, step, float(betas[1]), float(eps), amsgrad))
+    return entries
+
+
+def adam_preconditioner(optimizer: Any, model: Any) -> dict[str, torch.Tensor]:
+    """Adam's feature scale ``s = (sqrt(v̂) + eps)^(-1/2)`` per trainable parameter of ``model``.
+
+    ``v̂ = exp_avg_sq / (1 - beta2**step)`` is the bias-corrected second moment of the optimizer (``max_exp_avg_sq``
+    with ``amsgrad``); betas and eps are read from each parameter's group. Names are those of
+    ``per_example.trainable_parameters(model)``; tensors are float32 on the CPU, shaped like the parameters.
+
+    Args:
+        optimizer: a torch ``Adam`` / ``AdamW`` (or accelerate's ``AcceleratedOptimizer`` around one) that has
+            stepped at least once on every trainable parameter.
+        model: the model whose trainable parameters the optimizer updates.
+
+    Raises:
+        PreconditionerError: the optimizer keeps no per-parameter ``exp_avg_sq`` (SGD, Adafactor, DeepSpeed's
+            partitioned state) or a parameter has no state yet.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, moment, step, beta2, eps, _ in _adam_entries(optimizer, model):
+        correction = 1.0 - beta2**step
+        v_hat = moment.detach().to("cpu", torch.float64) / correction
+        out[name] = (v_hat.sqrt() + eps).rsqrt().to(torch.float32).contiguous()
+    return out
+
+
+def adam_state_summary(optimizer: Any, model: Any) -> dict[str, Any]:
+    """``{"step", "eps", "beta2", "amsgrad"}`` of the optimizer (for the cache manifest).
+
+    A value shared by every parameter is a number; differing values become their sorted list.
+    """
+
+    def one(values: Sequence[Any]) -> Any:
+        unique = sorted(set(values))
+        return unique[0] if len(unique) == 1 else unique
+
+    entries = _adam_entries(optimizer, model)
+    steps = [int(e[2]) if float(e[2]).is_integer() else e[2] for e in entries]
+    return {
+        "step": one(steps),
+        "eps": one([e[4] for e in entries]),
+        "beta2": one([e[3] for e in entries]),
+        "amsgrad": one([e[5] for e in entries]),
+        "optimizer": type(unwrap_optimizer(optimizer)).__name__,
+    }
+
+
+def preconditioner_sha256(preconditioner: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over the names (sorted), shapes and float32 bytes of a preconditioner."""
+    digest = hashlib.sha256()
+    for name in sorted(preconditioner):
+        t = preconditioner[name].detach().to("cpu", torch.float32).contiguous()
+        digest.update(name.encode())
+        digest.update(str(tuple(t.shape)).encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_preconditioner(
+    preconditioner: Mapping[str, Any], param_shapes: Sequence[tuple[str, Sequence[int]]] | None = None
+) -> dict[str, torch.Tensor]:
+    """Validate a preconditioner (finite, positive, and, when given, one tensor per parameter of the right shape).
+
+    Returns it as float32 CPU tensors in ``param_shapes`` order (else in the given order).
+    """
+    if not isinstance(preconditioner, Mapping):
+        raise PreconditionerError(
+            f"A preconditioner must be a mapping {{parameter name: tensor}}, got {type(preconditioner).__name__}."
+        )
+    if param_shapes is not None:
+        names = [n for n, _ in param_shapes]
+        missing = [n for n in names if n not in preconditioner]
+        extra = [n for n in preconditioner if n not in set(names)]
+        if missing or extra:
+            raise PreconditionerError(
+                f"The preconditioner does not cover the model's trainable parameters (missing {missing[:3]}, "
+                f"unknown {extra[:3]}); build it for this model with adam_preconditioner(optimizer, model)."
+            )
+        order = list(param_shapes)
+    else:
+        order = [(n, None) for n in preconditioner]
+    out: dict[str, torch.Tensor] = {}
+    for name, shape in order:
+        t = torch.as_tensor(preconditioner[name]).detach().to("cpu", torch.float32).contiguous()
+        if shape is not None and tuple(t.shape) != tuple(int(s) for s in shape):
+            raise PreconditionerError(
+                f"The preconditioner's {name!r} has shape {tuple(t.shape)}, the parameter {tuple(shape)}."
+            )
+        if t.numel() and not bool((torch.isfinite(t) & (t > 0)).all()):
+            raise PreconditionerError(
+                f"The preconditioner's {name!r} holds non-finite or non-positive values; a feature scale must be "
+                "positive (Adam's is (sqrt(v_hat) + eps)^(-1/2))."
+            )
+        out[name] = t
+    return out
+
+
+def scale_gradients(
+    grads: Mapping[str, torch.Tensor], preconditioner: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``{name: s[name] * g}`` for per-example gradients ``{name: [B, *shape]}`` (float32, on the gradients' device)."""
+    out = {}
+    for name, g in grads.items():
+        s = preconditioner[name].to(g.device)
+        out[name] = g.to(torch.float32) * s
+    return out

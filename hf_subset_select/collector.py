@@ -460,6 +460,8 @@ class GradientCollector(TrainerCallback):
         if not mine:
             return 0, "none", 0.0
         device = next(p for _, p in trainable_parameters(model)).device
+        if scale is not None:  # on the gradients' device once, not once per batch
+            scale = {n: s.to(device) for n, s in scale.items()}
         pad_id = _pad_token_id(model, tokenizer)
         was_training = model.training
         model.eval()
@@ -514,8 +516,6 @@ class GradientCollector(TrainerCallback):
         scale: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         cfg = self.config
-        if scale is not None:  # moved to the gradients' device once per shard, not once per batch
-            scale = {n: s.to(device) for n, s in scale.items()}
         encoded = [self._encode(self._dataset(r.split), r.row, spec, tokenizer) for r in rows]
         # Longest first: batches of similar length waste less compute on padding (results do not depend on it).
         order = sorted(range(len(rows)), key=lambda i: -len(encoded[i]["input_ids"]))

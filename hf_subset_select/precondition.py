@@ -199,12 +199,32 @@ def check_preconditioner(
     return out
 
 
+class _ScaledGradients(Mapping):
+    """Read-only view ``{name: s[name] * g}`` that scales one parameter's block at a time when it is read, so the
+    projector never holds a second full copy of the batch's per-example gradients."""
+
+    def __init__(self, grads: Mapping[str, torch.Tensor], scale: Mapping[str, torch.Tensor]) -> None:
+        self._grads, self._scale = grads, scale
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        g = self._grads[name]
+        return g.to(torch.float32) * self._scale[name].to(g.device)
+
+    def __iter__(self) -> Any:
+        return iter(self._grads)
+
+    def __len__(self) -> int:
+        return len(self._grads)
+
+
 def scale_gradients(
     grads: Mapping[str, torch.Tensor], preconditioner: Mapping[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """``{name: s[name] * g}`` for per-example gradients ``{name: [B, *shape]}`` (float32, on the gradients' device)."""
-    out = {}
-    for name, g in grads.items():
-        s = preconditioner[name].to(g.device)
-        out[name] = g.to(torch.float32) * s
-    return out
+) -> Mapping[str, torch.Tensor]:
+    """``{name: s[name] * g}`` for per-example gradients ``{name: [B, *shape]}`` (float32, on the gradients' device).
+
+    The result is a lazy mapping: each block is scaled when it is read.
+    """
+    missing = [n for n in grads if n not in preconditioner]
+    if missing:
+        raise PreconditionerError(f"The preconditioner has no scale for {missing[:3]}.")
+    return _ScaledGradients(grads, preconditioner)

@@ -184,13 +184,14 @@ class CollectConfig(ConfigMixin):
         },
     )
     precondition: str = field(
-        default="auto",
+        default="none",
         metadata={
             "help": "Scale per-example gradients by Adam's feature scale (sqrt(v_hat) + eps)^(-1/2) of the "
             "meta-training optimizer before projecting, so the estimate works in AdamW's geometry "
             "(docs/method.md, 'Adam geometry'). 'auto': Adam's when the collector runs as a Trainer callback "
             "whose optimizer has Adam state (or collect() gets optimizer=/preconditioner=), else raw gradients; "
-            "'adam': required (error if unavailable); 'none': raw gradients."
+            "'adam': required (error if unavailable); 'none' (default): raw gradients. Opt-in: it raised the "
+            "fidelity benchmark's Spearman but broke the demo's selection (docs/method.md)."
         },
     )
     shard_size: int = field(default=1024, metadata={"help": "Examples per on-disk shard (unit of resume)."})

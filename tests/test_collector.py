@@ -338,10 +338,10 @@ def test_callback_in_a_transformers_trainer(tmp_path, toy_sources, tokenizer):
     cache = GradientCache.load(tmp_path / "run" / "grad_cache")
     assert cache.num_examples == 36 and collector.cache is not None
     # the pass ran at the trained θ* (not at the initial parameters, not on optimizer gradients); by default
-    # (precondition="auto") in the geometry of the Trainer's AdamW, which collect(optimizer=...) reproduces
-    assert cache.manifest["precondition"]["kind"] == "adam"
+    # (precondition="none") on raw gradients, which a standalone collect() at the same θ* reproduces
+    assert cache.manifest["precondition"]["kind"] == "none"
     standalone = GradientCollector(_config(), train, target_eval, tokenizer).collect(
-        model, output_dir=tmp_path / "s", optimizer=trainer.optimizer
+        model, output_dir=tmp_path / "s"
     )
     torch.testing.assert_close(cache.features, standalone.features, rtol=1e-5, atol=1e-7)
     assert cache.manifest["theta_fingerprint"] == standalone.manifest["theta_fingerprint"]

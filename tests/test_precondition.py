@@ -48,7 +48,13 @@ def _theta_star(seed: int = 0):
 
 
 def _config(**kw):
-    base = {"proj_dim": 64, "proj_type": "rademacher", "batch_size": 8, "shard_size": 16}
+    base = {
+        "proj_dim": 64,
+        "proj_type": "rademacher",
+        "batch_size": 8,
+        "shard_size": 16,
+        "precondition": "auto",
+    }
     base.update(kw)
     return CollectConfig(**base)
 

@@ -133,6 +133,20 @@ class FirstOrderEstimator:
                     "gradients are not comparable. Re-collect the target with the training cache's "
                     "CollectConfig."
                 )
+            geometry = [
+                {
+                    k: v
+                    for k, v in (c.manifest.get("precondition") or {"kind": "none"}).items()
+                    if k in ("kind", "sha256")
+                }
+                for c in (cache, target)
+            ]
+            if geometry[0] != geometry[1]:
+                raise ValueError(
+                    f"The two caches scaled their gradients differently (precondition {geometry[0]} vs "
+                    f"{geometry[1]}); their features are not comparable. Collect the target at the same θ* with "
+                    "the same CollectConfig.precondition and optimizer state as the training cache."
+                )
         tmask = target_cache.target_mask
         if not bool(tmask.any()):
             raise ValueError(

@@ -280,6 +280,17 @@ def test_dimension_mismatch_errors():
         FirstOrderEstimator(cache, target=other)
 
 
+def test_target_cache_in_another_geometry_is_refused():
+    cache = make_synthetic_cache(dim=8, seed=12)
+    same = make_synthetic_cache(dim=8, seed=12)
+    FirstOrderEstimator(cache, target=same)  # both raw gradients: fine
+    same.manifest["precondition"] = {"kind": "adam", "sha256": "0" * 64, "step": 3}
+    with pytest.raises(
+        ValueError, match="scaled their gradients differently.*same CollectConfig.precondition"
+    ):
+        FirstOrderEstimator(cache, target=same)
+
+
 def test_nan_errors():
     cache = make_synthetic_cache(dim=8, seed=13)
     cache.features[3, 2] = float("nan")

@@ -27,8 +27,8 @@ mean log-odds over the three tokens (DESIGN.md's output) and the fine-tuning obj
 entropy) is a different function of the tokens. Subsets differ in target loss far more than seeds do; the
 JSON records both (``truth_noise_std``, ``truth_spread_std``).
 
-The gradients are collected in Adam's geometry by default (``--precondition auto``: scaled by the meta-training
-AdamW's preconditioner; ``none`` for raw gradients). ``linearized_optimizer`` is a diagnostic: the same AdamW
+``--precondition none`` (default, as in the library) collects raw gradients; ``auto`` collects them in Adam's
+geometry (scaled by the meta-training AdamW's preconditioner, docs/method.md). ``linearized_optimizer`` is a diagnostic: the same AdamW
 run (optimizer, batches, budget) on the linearized model f_i + ∇f_iᵀΔθ with the full gradients. Its error is
 what the model's curvature alone costs (no first-order estimate can do better than it); the estimator's error
 beyond it comes from modelling the optimizer by one regularized solve.
@@ -365,9 +365,10 @@ def main() -> None:
     parser.add_argument("--headline-dim", default="2048")
     parser.add_argument(
         "--precondition",
-        default="auto",
+        default="none",
         choices=["auto", "adam", "none"],
-        help="CollectConfig.precondition: Adam geometry from the meta-training optimizer (auto) or raw gradients",
+        help="CollectConfig.precondition: raw gradients (none, the library's default) or Adam geometry from the "
+        "meta-training optimizer (auto/adam)",
     )
     args = parser.parse_args()
     torch.manual_seed(args.seed)

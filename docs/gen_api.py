@@ -34,6 +34,7 @@ GROUPS = [
             "adam_preconditioner",
             "PreconditionerError",
             "token_log_odds_output",
+            "sequence_log_odds_output",
             "classification_margin_output",
             "make_projector",
         ],

@@ -37,6 +37,7 @@ _EXPORTS: dict[str, str] = {
     "MetaInitManifestError": "meta_init",
     # outputs.py / projection.py / per_example.py / cache.py / collector.py
     "token_log_odds_output": "outputs",
+    "sequence_log_odds_output": "outputs",
     "classification_margin_output": "outputs",
     "make_projector": "projection",
     "GradientCache": "cache",
@@ -106,7 +107,7 @@ if TYPE_CHECKING:  # pragma: no cover - static re-exports for type checkers and 
         check_bookkeeping,
     )
     from .meta_init import MetaInitCallback, MetaInitManifestError, load_meta_init
-    from .outputs import classification_margin_output, token_log_odds_output
+    from .outputs import classification_margin_output, sequence_log_odds_output, token_log_odds_output
     from .precondition import PreconditionerError, adam_preconditioner
     from .projection import make_projector
     from .select import SourceSelection, select_sources

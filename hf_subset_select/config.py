@@ -155,7 +155,9 @@ class CollectConfig(ConfigMixin):
     output_fn: str = field(
         default="auto",
         metadata={
-            "help": "'auto' (from the model type), 'token_log_odds' (causal / seq2seq LM) or "
+            "help": "'auto' (from the model type), 'token_log_odds' (causal / seq2seq LM: mean of the gold "
+            "tokens' log-odds), 'sequence_log_odds' (LM: log-odds of the geometric-mean gold probability, whose "
+            "logistic loss is the example's mean token cross entropy; for multi-token answers) or "
             "'classification_margin' (sequence classification)."
         },
     )
@@ -217,7 +219,11 @@ class CollectConfig(ConfigMixin):
         _check_positive("proj_chunk_size", self.proj_chunk_size)
         _check_positive("batch_size", self.batch_size)
         _check_positive("max_length", self.max_length)
-        _check_choice("output_fn", self.output_fn, ("auto", "token_log_odds", "classification_margin"))
+        _check_choice(
+            "output_fn",
+            self.output_fn,
+            ("auto", "token_log_odds", "sequence_log_odds", "classification_margin"),
+        )
         if not 0.0 < self.prob_clamp < 0.5:
             raise ValueError(f"prob_clamp must lie in (0, 0.5), got {self.prob_clamp!r}.")
         _check_choice("grad_method", self.grad_method, ("auto", "hooks", "vmap", "loop"))

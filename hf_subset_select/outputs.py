@@ -8,6 +8,12 @@ Language models: the mean, over the example's supervised tokens, of the gold tok
 Since the per-token loss is ``-log p = log(1 + exp(-z))``, the first-order estimator becomes a logistic
 regression (see docs/method.md).
 
+``"sequence_log_odds"`` (opt-in) is the log-odds of the geometric mean of the gold tokens' probabilities,
+``p̄ = exp(mean_t log p_t)``, ``f = log(p̄ / (1 - p̄))``. Then ``log(1 + exp(-f)) = -log p̄`` is exactly the
+example's mean token cross entropy, so each row's logistic loss and its gradient at θ* equal the
+example's SFT loss and gradient (the mean of log-odds does not: an easy EOS token with a large log-odds
+hides uncertain answer tokens). With one supervised token both outputs are the same.
+
 Sequence classification: the margin ``logit_gold - logsumexp(other logits)`` (the same formula over classes).
 
 Every output function here is written to work on a batch of any size, including a batch of one inside
@@ -31,6 +37,7 @@ from .encode import IGNORE_INDEX
 
 __all__ = [
     "token_log_odds_output",
+    "sequence_log_odds_output",
     "seq2seq_token_log_odds_output",
     "classification_margin_output",
     "gold_log_odds",
@@ -80,6 +87,30 @@ def token_log_odds_output(
     z = _clamp_log_odds(gold_log_odds(logits.float(), labels), prob_clamp)
     weight = (labels != IGNORE_INDEX).to(z.dtype)
     return (z * weight).sum(-1) / weight.sum(-1).clamp(min=1.0)
+
+
+def sequence_log_odds_output(
+    logits: torch.Tensor, labels: torch.Tensor, *, prob_clamp: float = 1e-6, shift: bool = True
+) -> torch.Tensor:
+    """Log-odds of the geometric-mean gold-token probability ``p̄ = exp(mean_t log p_t)``, one value per example.
+
+    ``log(1 + exp(-f))`` equals the example's mean token cross entropy (its SFT loss), for any number of
+    supervised tokens. Arguments as in :func:`token_log_odds_output`; ``p̄`` is clamped to
+    ``[prob_clamp, 1 - prob_clamp]``. An example without supervised tokens gets ``logit(1 - prob_clamp)``
+    (the collector skips those).
+    """
+    if shift:
+        logits, labels = logits[..., :-1, :], labels[..., 1:]
+    logits = logits.float()
+    gold = labels.clamp(min=0)
+    log_p = torch.gather(logits, -1, gold.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    weight = (labels != IGNORE_INDEX).to(log_p.dtype)
+    mean_log_p = (log_p * weight).sum(-1) / weight.sum(-1).clamp(min=1.0)
+    if prob_clamp > 0:
+        mean_log_p = mean_log_p.clamp(math.log(prob_clamp), math.log1p(-prob_clamp))
+    else:  # keep 1 - p̄ > 0 in float32
+        mean_log_p = mean_log_p.clamp(max=-1e-7)
+    return mean_log_p - torch.log(-torch.expm1(mean_log_p))
 
 
 def seq2seq_token_log_odds_output(
@@ -148,7 +179,8 @@ def resolve_output_fn(
 
     Args:
         model: the (possibly PEFT-wrapped) model.
-        output_fn: ``"auto"`` (from the model type), ``"token_log_odds"``, ``"classification_margin"``, or a
+        output_fn: ``"auto"`` (from the model type), ``"token_log_odds"``, ``"sequence_log_odds"``,
+            ``"classification_margin"``, or a
             callable ``fn(model_output, batch) -> Tensor[B]`` (used as is; it must work under ``torch.func.vmap``
             for the batched path, otherwise the collector falls back to a per-example loop).
         prob_clamp: clamp of ``p`` for the token log-odds.
@@ -173,22 +205,24 @@ def resolve_output_fn(
             return classification_margin_output(_logits(model_output), batch["labels"])
 
         return OutputSpec(name="classification_margin", kind=kind, fn=margin)
-    if output_fn == "token_log_odds":
+    if output_fn in ("seq2seq_token_log_odds", "seq2seq_sequence_log_odds"):  # names as manifests record them
+        output_fn = output_fn.removeprefix("seq2seq_")
+    if output_fn in ("token_log_odds", "sequence_log_odds"):
         if kind == "classification":
             raise ValueError(
-                f"output_fn='token_log_odds' needs a language model, got {type(_base(model)).__name__}; use "
+                f"output_fn={output_fn!r} needs a language model, got {type(_base(model)).__name__}; use "
                 "output_fn='classification_margin' (or 'auto')."
             )
         shift = kind == "causal_lm"
+        reduce = token_log_odds_output if output_fn == "token_log_odds" else sequence_log_odds_output
 
         def log_odds(model_output: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-            return token_log_odds_output(
-                _logits(model_output), batch["labels"], prob_clamp=prob_clamp, shift=shift
-            )
+            return reduce(_logits(model_output), batch["labels"], prob_clamp=prob_clamp, shift=shift)
 
-        name = "token_log_odds" if shift else "seq2seq_token_log_odds"
+        name = output_fn if shift else f"seq2seq_{output_fn}"
         return OutputSpec(name=name, kind=kind, fn=log_odds)
     raise ValueError(
-        f"output_fn={output_fn!r} is not valid; choose 'auto', 'token_log_odds', 'classification_margin' or pass a "
+        f"output_fn={output_fn!r} is not valid; choose 'auto', 'token_log_odds', 'sequence_log_odds', "
+        "'classification_margin' or pass a "
         "callable(model_output, batch) -> Tensor[B]."
     )

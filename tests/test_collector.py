@@ -109,6 +109,31 @@ def test_collect_writes_a_complete_cache(tmp_path, toy_sources, tokenizer):
         assert cache.sources[int(cache.source_index[where])] == train[row]["source"]
 
 
+def test_sequence_log_odds_rows_carry_each_examples_sft_loss(tmp_path, toy_sources, tokenizer):
+    train, target_eval = toy_sources
+    model = _theta_star()
+    cfg = _config(output_fn="sequence_log_odds", prob_clamp=1e-6)
+    cache = GradientCollector(cfg, train, target_eval, tokenizer).collect(model, output_dir=tmp_path / "gc")
+    assert cache.manifest["output_fn"] == "sequence_log_odds"
+    model.eval()
+    ids = list(train["example_id"])
+    spec = resolve_output_fn(model, "sequence_log_odds", prob_clamp=1e-6)
+    engine = PerExampleGradients(model, spec, method="loop")
+    proj = make_projector("rademacher", 64, 0, engine.param_shapes)
+    for row in (0, 13, 29):
+        batch = collate_examples([encode_example(train[row], tokenizer, 512)], "causal_lm")
+        where = int(torch.nonzero(cache.example_ids == ids[row])[0, 0])
+        with torch.no_grad():
+            sft_loss = model(**batch).loss  # the example's mean token cross entropy
+        # the row's logistic loss is the example's SFT loss (multi-token answers included)
+        torch.testing.assert_close(
+            torch.nn.functional.softplus(-cache.outputs[where]), sft_loss, rtol=1e-5, atol=1e-6
+        )
+        # and the batched path's gradients equal a per-example loop's
+        result = engine(batch)
+        torch.testing.assert_close(cache.features[where], proj.project(result.grads)[0], rtol=1e-4, atol=1e-6)
+
+
 def test_examples_without_supervised_tokens_are_skipped_and_counted(tmp_path):
     from datasets import Dataset
 

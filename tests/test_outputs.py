@@ -134,3 +134,56 @@ def test_seq2seq_kind_detected():
     )
     assert model_kind(model) == "seq2seq"
     assert resolve_output_fn(model).name == "seq2seq_token_log_odds"
+
+
+def test_sequence_log_odds_logistic_loss_is_the_mean_token_cross_entropy():
+    from hf_subset_select.outputs import sequence_log_odds_output
+
+    torch.manual_seed(1)
+    logits = torch.randn(4, 7, 13) * 2
+    labels = torch.randint(0, 13, (4, 7))
+    labels[:, :3] = -100  # the prompt
+    labels[1, 3:6] = -100  # example 1: one supervised token
+    f = sequence_log_odds_output(logits, labels, prob_clamp=0.0)
+    ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1].double().transpose(1, 2), labels[:, 1:], reduction="none", ignore_index=-100
+    )
+    mask = labels[:, 1:] != -100
+    per_example_ce = (ce * mask).sum(1) / mask.sum(1)
+    torch.testing.assert_close(
+        torch.nn.functional.softplus(-f.double()), per_example_ce, rtol=1e-5, atol=1e-6
+    )
+    # one supervised token: the same value as the mean of log-odds
+    torch.testing.assert_close(
+        f[1], token_log_odds_output(logits, labels, prob_clamp=0.0)[1], rtol=1e-5, atol=1e-5
+    )
+    # several tokens: not the same (Jensen), and the mean of log-odds' logistic loss is below the cross entropy
+    g = token_log_odds_output(logits, labels, prob_clamp=0.0)
+    assert not torch.allclose(f[0], g[0], atol=1e-3)
+    # clamped at the ends, finite
+    sure = torch.full((1, 4, 5), -30.0)
+    sure[..., 2] = 30.0
+    lab = torch.tensor([[-100, 2, 2, 2]])
+    out = sequence_log_odds_output(sure, lab, prob_clamp=1e-6)
+    assert torch.isfinite(out).all() and abs(out.item() - math.log((1 - 1e-6) / 1e-6)) < 1e-3
+
+
+def test_sequence_log_odds_gradient_is_the_sft_loss_gradient_up_to_its_factor():
+    from hf_subset_select.encode import IGNORE_INDEX
+    from hf_subset_select.toy import make_tiny_causal_lm
+
+    model = make_tiny_causal_lm("gpt2", vocab_size=20, hidden=16, layers=1, heads=2, seed=0)
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
+    labels = ids.clone()
+    labels[0, :3] = IGNORE_INDEX
+    spec = resolve_output_fn(model, "sequence_log_odds", prob_clamp=0.0)
+    assert spec.name == "sequence_log_odds"
+    params = [p for p in model.parameters() if p.requires_grad]
+    f = spec(model(input_ids=ids), {"labels": labels})[0]
+    # d softplus(-f) / dθ = -sigmoid(-f) ∇f must equal the gradient of the SFT loss (mean token cross entropy)
+    grad_f = torch.autograd.grad(torch.nn.functional.softplus(-f), params)
+    grad_sft = torch.autograd.grad(model(input_ids=ids, labels=labels).loss, params)
+    for a, b in zip(grad_f, grad_sft):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # a manifest's recorded names resolve back
+    assert resolve_output_fn(model, spec.name).name == "sequence_log_odds"

@@ -216,12 +216,14 @@ def encode_rows(dataset: Any, tokenizer: Any, max_length: int = 16) -> list[dict
     return out
 
 
-def target_metrics(model: Any, encoded: list[dict[str, Any]], prob_clamp: float = 1e-6) -> dict[str, Any]:
-    """Per-example log-odds f_j (the collector's output function) and token cross entropy at ``model``."""
+def target_metrics(
+    model: Any, encoded: list[dict[str, Any]], prob_clamp: float = 1e-6, output_fn: str = "token_log_odds"
+) -> dict[str, Any]:
+    """Per-example outputs f_j (the collector's output function) and token cross entropy at ``model``."""
     from hf_subset_select.outputs import resolve_output_fn
     from hf_subset_select.per_example import collate_examples
 
-    spec = resolve_output_fn(model, "token_log_odds", prob_clamp=prob_clamp)
+    spec = resolve_output_fn(model, output_fn, prob_clamp=prob_clamp)
     batch = collate_examples(encoded, "causal_lm", 0)
     model.eval()
     with torch.no_grad():
@@ -364,6 +366,13 @@ def main() -> None:
     parser.add_argument("--dims", default="64,256,1024,2048,identity")
     parser.add_argument("--headline-dim", default="2048")
     parser.add_argument(
+        "--output-fn",
+        default="token_log_odds",
+        choices=["token_log_odds", "sequence_log_odds"],
+        help="per-example output f (CollectConfig.output_fn); the truth's logistic loss uses the same f. With "
+        "one supervised token both are the same",
+    )
+    parser.add_argument(
         "--precondition",
         default="none",
         choices=["auto", "adam", "none"],
@@ -408,6 +417,7 @@ def main() -> None:
             batch_size=32,
             target_source="target",
             precondition=args.precondition,
+            output_fn=args.output_fn,
         ),
         train_dataset=train,
         target_dataset=target_eval,
@@ -451,7 +461,7 @@ def main() -> None:
             cache_id.outputs[cache_id.train_mask].double().tolist(),
         )
     )
-    at_theta = target_metrics(model, eval_rows)
+    at_theta = target_metrics(model, eval_rows, output_fn=args.output_fn)
     base_loss = at_theta["logistic_loss"]
 
     # 2. caches per d (same projector as the collector would build)
@@ -524,11 +534,11 @@ def main() -> None:
                     optim=args.optim,
                 )
                 finetune_seconds += time.perf_counter() - t0
-                m = target_metrics(ft_model, eval_rows)
+                m = target_metrics(ft_model, eval_rows, output_fn=args.output_fn)
                 run = {"logistic_loss": m["logistic_loss"], "token_ce": m["token_ce"]}
                 if seed == 0:  # how far the outputs of the subset's own rows really moved (RMS, log-odds)
                     own = [train_rows[i] for s in ("target", *subset) for i in by_source[s]]
-                    f_new = target_metrics(ft_model, own)["f"]
+                    f_new = target_metrics(ft_model, own, output_fn=args.output_fn)["f"]
                     f_old = torch.tensor([f_theta[r["example_id"]] for r in own], dtype=torch.float64)
                     run["train_output_rms_change"] = float(((f_new - f_old) ** 2).mean().sqrt())
                 runs.append(run)

@@ -155,10 +155,11 @@ class CollectConfig(ConfigMixin):
     output_fn: str = field(
         default="auto",
         metadata={
-            "help": "'auto' (from the model type), 'token_log_odds' (causal / seq2seq LM: mean of the gold "
-            "tokens' log-odds), 'sequence_log_odds' (LM: log-odds of the geometric-mean gold probability, whose "
-            "logistic loss is the example's mean token cross entropy; for multi-token answers) or "
-            "'classification_margin' (sequence classification)."
+            "help": "'auto' ('sequence_log_odds' for language models, 'classification_margin' for sequence "
+            "classifiers), 'sequence_log_odds' (causal / seq2seq LM: log-odds of the geometric-mean gold-token "
+            "probability, whose logistic loss is the example's mean token cross entropy), 'token_log_odds' (LM: "
+            "mean of the gold tokens' log-odds, the paper's output; the same for one supervised token) or "
+            "'classification_margin'."
         },
     )
     prob_clamp: float = field(

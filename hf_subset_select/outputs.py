@@ -1,6 +1,6 @@
 """Per-example scalar outputs f whose gradients the collector records.
 
-Language models: the mean, over the example's supervised tokens, of the gold token's log-odds
+Language models, ``"token_log_odds"``: the mean, over the example's supervised tokens, of the gold token's log-odds
 ``z = log(p / (1 - p))`` with ``p`` the softmax probability of the gold token. From the logits ``l``,
 ``log p = l_gold - logsumexp(l)`` and ``log(1 - p) = logsumexp(l_others) - logsumexp(l)``, so
 ``z = l_gold - logsumexp(l_others)``: computed that way it never forms ``1 - p`` and stays exact when
@@ -8,7 +8,7 @@ Language models: the mean, over the example's supervised tokens, of the gold tok
 Since the per-token loss is ``-log p = log(1 + exp(-z))``, the first-order estimator becomes a logistic
 regression (see docs/method.md).
 
-``"sequence_log_odds"`` (opt-in) is the log-odds of the geometric mean of the gold tokens' probabilities,
+``"sequence_log_odds"`` (what ``"auto"`` picks for language models) is the log-odds of the geometric mean of the gold tokens' probabilities,
 ``p̄ = exp(mean_t log p_t)``, ``f = log(p̄ / (1 - p̄))``. Then ``log(1 + exp(-f)) = -log p̄`` is exactly the
 example's mean token cross entropy, so each row's logistic loss and its gradient at θ* equal the
 example's SFT loss and gradient (the mean of log-odds does not: an easy EOS token with a large log-odds
@@ -179,8 +179,8 @@ def resolve_output_fn(
 
     Args:
         model: the (possibly PEFT-wrapped) model.
-        output_fn: ``"auto"`` (from the model type), ``"token_log_odds"``, ``"sequence_log_odds"``,
-            ``"classification_margin"``, or a
+        output_fn: ``"auto"`` (``"sequence_log_odds"`` for language models, ``"classification_margin"`` for
+            classifiers), ``"token_log_odds"``, ``"sequence_log_odds"``, ``"classification_margin"``, or a
             callable ``fn(model_output, batch) -> Tensor[B]`` (used as is; it must work under ``torch.func.vmap``
             for the batched path, otherwise the collector falls back to a per-example loop).
         prob_clamp: clamp of ``p`` for the token log-odds.
@@ -193,7 +193,7 @@ def resolve_output_fn(
             name=f"custom:{module}.{name}" if module else f"custom:{name}", kind=kind, fn=output_fn
         )
     if output_fn == "auto":
-        output_fn = "classification_margin" if kind == "classification" else "token_log_odds"
+        output_fn = "classification_margin" if kind == "classification" else "sequence_log_odds"
     if output_fn == "classification_margin":
         if kind != "classification":
             raise ValueError(

@@ -87,7 +87,7 @@ def test_collect_writes_a_complete_cache(tmp_path, toy_sources, tokenizer):
         and m["projection"]["dim"] == 64
         and m["projection"]["seed"] == 0
     )
-    assert m["output_fn"] == "token_log_odds"
+    assert m["output_fn"] == "sequence_log_odds"
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     assert m["theta_fingerprint"] == fingerprint_tensors(trainable)
     assert m["skipped"]["count"] == 0 and len(m["dataset_fingerprint"]) == 64

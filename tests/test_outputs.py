@@ -106,7 +106,8 @@ def test_auto_pick_and_override():
     cls = make_tiny_classifier()
     assert model_kind(lm) == "causal_lm" and model_kind(add_lora(make_tiny_causal_lm("llama"))) == "causal_lm"
     assert model_kind(cls) == "classification"
-    assert resolve_output_fn(lm).name == "token_log_odds"
+    assert resolve_output_fn(lm).name == "sequence_log_odds"
+    assert resolve_output_fn(lm, "token_log_odds").name == "token_log_odds"
     assert resolve_output_fn(cls).name == "classification_margin"
     with pytest.raises(ValueError, match="classification_margin"):
         resolve_output_fn(lm, "classification_margin")
@@ -133,7 +134,7 @@ def test_seq2seq_kind_detected():
         )
     )
     assert model_kind(model) == "seq2seq"
-    assert resolve_output_fn(model).name == "seq2seq_token_log_odds"
+    assert resolve_output_fn(model).name == "seq2seq_sequence_log_odds"
 
 
 def test_sequence_log_odds_logistic_loss_is_the_mean_token_cross_entropy():

@@ -52,7 +52,7 @@ def _make(kind, lora):
     return _theta_star(add_lora(model) if lora else model)
 
 
-def _naive_output(model, ex, kind):
+def _naive_output(model, ex, kind, output="token_log_odds"):
     """f for one unpadded example with the model's own forward and an independent formula."""
     ids = torch.tensor([ex["input_ids"]])
     logits = model(input_ids=ids).logits
@@ -64,14 +64,17 @@ def _naive_output(model, ex, kind):
     labels = torch.tensor(ex["labels"][1:])
     keep = labels != -100
     gold = lp[keep].gather(-1, labels[keep][:, None])[:, 0]
+    if output == "sequence_log_odds":  # log-odds of the geometric-mean gold probability
+        mean = gold.mean()
+        return mean - torch.log1p(-mean.exp())
     return (gold - torch.log1p(-gold.exp())).mean()
 
 
-def _naive_projected(model, examples, kind, dense):
+def _naive_projected(model, examples, kind, dense, output="token_log_odds"):
     params = [p for p in model.parameters() if p.requires_grad]
     rows, values = [], []
     for ex in examples:
-        f = _naive_output(model, ex, kind)
+        f = _naive_output(model, ex, kind, output)
         grads = torch.autograd.grad(f, params)
         rows.append(torch.cat([g.reshape(-1) for g in grads]).double() @ dense.double())
         values.append(f.detach())
@@ -80,20 +83,28 @@ def _naive_projected(model, examples, kind, dense):
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 @pytest.mark.parametrize(
-    "lora,method",
-    [(True, "hooks"), (True, "vmap"), (False, "hooks"), (False, "vmap")],
-    ids=["lora-hooks", "lora-vmap", "full-hooks", "full-vmap"],
+    "lora,method,output",
+    [
+        (True, "hooks", "sequence_log_odds"),
+        (True, "vmap", "sequence_log_odds"),
+        (False, "hooks", "sequence_log_odds"),
+        (False, "vmap", "sequence_log_odds"),
+        (True, "hooks", "token_log_odds"),
+        (True, "vmap", "token_log_odds"),
+    ],
+    ids=["lora-hooks", "lora-vmap", "full-hooks", "full-vmap", "lora-hooks-mean", "lora-vmap-mean"],
 )
-def test_batched_projected_grads_equal_naive_autograd(kind, lora, method):
+def test_batched_projected_grads_equal_naive_autograd(kind, lora, method, output):
     model = _make(kind, lora)
-    spec = resolve_output_fn(model)
+    spec = resolve_output_fn(model, output)
+    assert resolve_output_fn(model).name == "sequence_log_odds"  # what auto picks
     engine = PerExampleGradients(model, spec, method=method)
     assert PerExampleGradients(model, spec).method == "hooks"  # auto: every layer has a closed form here
     proj = make_projector("rademacher", 64, 0, engine.param_shapes)
     examples = _examples()
     result = engine(collate_examples(examples, spec.kind))
     got = proj.project(result.grads)
-    want, want_f = _naive_projected(model, examples, kind, proj.dense_matrix())
+    want, want_f = _naive_projected(model, examples, kind, proj.dense_matrix(), output)
     scale = want.abs().max()
     assert scale > 0
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * float(scale))
@@ -290,7 +301,7 @@ def test_seq2seq_decoder_labels_padding_invariant():
     )
     model = T5ForConditionalGeneration(config).eval()
     spec = resolve_output_fn(model)
-    assert spec.name == "seq2seq_token_log_odds"
+    assert spec.name == "seq2seq_sequence_log_odds"
     examples = [
         {"input_ids": [5, 6, 7, 8, 9, 1], "labels": [11, 12, 1]},
         {"input_ids": [5, 6, 1], "labels": [13, 14, 15, 16, 1]},

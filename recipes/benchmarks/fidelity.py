@@ -22,9 +22,10 @@ six of the ten letters. Helpful sources carry σ (same task on other inputs, a l
 prompt); harmful ones the target's prompt with another rule (σ of the second letter, a conflicting cipher,
 half-conflicting); others are digit tasks or noise. ``single_token`` (default) has one supervised token
 per example (pre-tokenized, no EOS), so log(1 + exp(-f)) is exactly that token's cross entropy and the
-fine-tuning objective is the estimator's; ``multi_token`` answers with two letters plus EOS, where f is the
-mean log-odds over the three tokens (DESIGN.md's output) and the fine-tuning objective (mean token cross
-entropy) is a different function of the tokens. Subsets differ in target loss far more than seeds do; the
+fine-tuning objective is the estimator's; ``multi_token`` answers with two letters plus EOS. There
+``--output-fn sequence_log_odds`` (default, the library's "auto") makes log(1 + exp(-f)) the example's mean
+token cross entropy again, while ``token_log_odds`` (DESIGN.md's and the paper's mean log-odds over the
+tokens) is a different function of the tokens than the fine-tuning objective. Subsets differ in target loss far more than seeds do; the
 JSON records both (``truth_noise_std``, ``truth_spread_std``).
 
 ``--precondition none`` (default, as in the library) collects raw gradients; ``auto`` collects them in Adam's
@@ -217,7 +218,7 @@ def encode_rows(dataset: Any, tokenizer: Any, max_length: int = 16) -> list[dict
 
 
 def target_metrics(
-    model: Any, encoded: list[dict[str, Any]], prob_clamp: float = 1e-6, output_fn: str = "token_log_odds"
+    model: Any, encoded: list[dict[str, Any]], prob_clamp: float = 1e-6, output_fn: str = "sequence_log_odds"
 ) -> dict[str, Any]:
     """Per-example outputs f_j (the collector's output function) and token cross entropy at ``model``."""
     from hf_subset_select.outputs import resolve_output_fn
@@ -367,10 +368,10 @@ def main() -> None:
     parser.add_argument("--headline-dim", default="2048")
     parser.add_argument(
         "--output-fn",
-        default="token_log_odds",
+        default="sequence_log_odds",
         choices=["token_log_odds", "sequence_log_odds"],
-        help="per-example output f (CollectConfig.output_fn); the truth's logistic loss uses the same f. With "
-        "one supervised token both are the same",
+        help="per-example output f (CollectConfig.output_fn; sequence_log_odds is what 'auto' picks); the truth's "
+        "logistic loss uses the same f. With one supervised token both are the same",
     )
     parser.add_argument(
         "--precondition",

@@ -26,5 +26,9 @@ def test_demo_selects_against_the_known_roles_and_writes_its_report(tmp_path):
     final = results["final"]
     assert final["(b) selection"]["loss"] < final["(a) all sources"]["loss"]
     assert final["(b) selection"]["exact_match"] > final["(a) all sources"]["exact_match"]
-    # the estimate orders real fine-tunes from θ* better than chance
-    assert results["spearman"] > 0
+    # the random-ensemble scores (mean estimated loss, lower = better) put every harmful source below every
+    # helpful one (with output_fn="token_log_odds" a harmful source outscored two helpful ones)
+    scores = results["scores"]
+    assert max(scores[s] for s in helpful) < min(scores[s] for s in harmful), scores
+    # the estimate orders real fine-tunes from θ* (7 subsets: all, selection, role groups, ...) clearly
+    assert results["spearman"] > 0.5

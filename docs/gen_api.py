@@ -32,6 +32,7 @@ GROUPS = [
             "GradientCache",
             "GradientCacheError",
             "adam_preconditioner",
+            "adam_step_scalars",
             "PreconditionerError",
             "token_log_odds_output",
             "sequence_log_odds_output",

@@ -44,6 +44,7 @@ _EXPORTS: dict[str, str] = {
     "GradientCacheError": "cache",
     "GradientCollector": "collector",
     "adam_preconditioner": "precondition",
+    "adam_step_scalars": "precondition",
     "PreconditionerError": "precondition",
     # estimate.py / select.py / baselines.py
     "FirstOrderEstimator": "estimate",
@@ -108,7 +109,7 @@ if TYPE_CHECKING:  # pragma: no cover - static re-exports for type checkers and 
     )
     from .meta_init import MetaInitCallback, MetaInitManifestError, load_meta_init
     from .outputs import classification_margin_output, sequence_log_odds_output, token_log_odds_output
-    from .precondition import PreconditionerError, adam_preconditioner
+    from .precondition import PreconditionerError, adam_preconditioner, adam_step_scalars
     from .projection import make_projector
     from .select import SourceSelection, select_sources
     from .sources import (

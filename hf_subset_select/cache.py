@@ -245,9 +245,9 @@ class GradientCache:
 
     def precondition_info(self) -> dict[str, Any]:
         """The manifest's ``precondition`` entry for this cache (``{"kind": "none"}`` without a preconditioner)."""
-        if self.preconditioner is None:
-            return {"kind": "none"}
         info = dict(self.manifest.get("precondition") or {})
+        if self.preconditioner is None:  # raw gradients; AdamW's scalar step size is kept (the budget λ rule)
+            return {"kind": "none", **{k: v for k, v in info.items() if k == "adam_scalars"}}
         if info.get("kind") in (None, "none"):
             info["kind"] = "custom"
         info["sha256"] = preconditioner_sha256(self.preconditioner)

@@ -10,9 +10,11 @@ training run) or standalone on a model restored with :func:`~hf_subset_select.lo
 
 The pass never reuses the optimizer's (batch-summed) gradients: the model goes to eval mode (no dropout), every
 example gets its own gradient, and the previous train/eval mode and attention kernel are restored afterwards.
-By default (``CollectConfig.precondition="auto"``) each per-example gradient is scaled by Adam's feature scale
-``s = (sqrt(v̂) + eps)^(-1/2)`` read from the meta-training optimizer before it is projected, so the estimate works
-in AdamW's geometry (docs/method.md, "Adam geometry"); the scale is stored with the cache.
+With ``CollectConfig.precondition="auto"`` (opt-in; the default is raw gradients) each per-example gradient is
+scaled by Adam's feature scale ``s = (sqrt(v̂) + eps)^(-1/2)`` read from the meta-training optimizer before it is
+projected, so the estimate works in AdamW's geometry (docs/method.md, "Adam geometry"); the scale is stored with
+the cache. Either way, when the optimizer has Adam state, the manifest records AdamW's step size in one number
+(``precondition.adam_scalars``) for the estimator's budget rule.
 
 Examples are put in a canonical order (split, then ``example_id``) and cut into numbered shards; each process
 of a distributed run takes every k-th shard, writes it atomically, and the main process merges the shards
@@ -66,6 +68,7 @@ from .precondition import (
     PreconditionerError,
     adam_preconditioner,
     adam_state_summary,
+    adam_step_scalars,
     check_preconditioner,
     preconditioner_sha256,
     scale_gradients,
@@ -562,13 +565,21 @@ class GradientCollector(TrainerCallback):
         shapes = [(n, tuple(p.shape)) for n, p in named]
         if preconditioner is not None and optimizer is not None:
             raise ValueError("Pass either optimizer= or preconditioner= to collect(), not both.")
+        # AdamW's step size in one number, for the estimator's budget λ rule on raw-gradient caches
+        # (informational: not part of the collection key)
+        denominator: dict[str, Any] = {}
+        if optimizer is not None:
+            try:
+                denominator["adam_scalars"] = adam_step_scalars(optimizer, model)
+            except PreconditionerError:
+                pass
         if mode == "none":
             if preconditioner is not None:
                 raise ValueError(
                     "collect(preconditioner=...) was given but CollectConfig(precondition='none') asks for raw "
                     "gradients; drop the argument or set precondition='auto'."
                 )
-            return None, {"kind": "none"}
+            return None, {"kind": "none", **denominator}
         scale: dict[str, torch.Tensor] | None = None
         info: dict[str, Any] = {"kind": "none"}
         error: PreconditionerError | None = None
@@ -583,6 +594,7 @@ class GradientCollector(TrainerCallback):
                 error = exc
         if scale is not None:
             info["sha256"] = preconditioner_sha256(scale)
+        info.update(denominator)
         # every rank reaches this point (errors are raised after it), so no rank waits for one that gave up
         _check_same_on_every_rank(info.get("sha256") or ("error" if error else "none"), dist)
         if error is not None:

@@ -20,6 +20,7 @@ __all__ = [
     "PreconditionerError",
     "adam_preconditioner",
     "adam_state_summary",
+    "adam_step_scalars",
     "preconditioner_sha256",
     "check_preconditioner",
     "scale_gradients",
@@ -146,6 +147,42 @@ def adam_state_summary(optimizer: Any, model: Any) -> dict[str, Any]:
         "beta2": one([e[3] for e in entries]),
         "amsgrad": one([e[5] for e in entries]),
         "optimizer": type(unwrap_optimizer(optimizer)).__name__,
+    }
+
+
+def adam_step_scalars(optimizer: Any, model: Any) -> dict[str, float]:
+    """AdamW's step size summarized in a few numbers, for the estimator's budget λ rule (kept in the cache manifest).
+
+    With D_c = sqrt(v̂_c) + eps the optimizer's per-coordinate denominators over every trainable coordinate c:
+
+    * ``denominator``: D̄ = Σ_c v̂_c / Σ_c (v̂_c / D_c). AdamW moves output j by about -η Σ_c ∂_c f_j ∂_c L / D_c;
+      replacing 1/D_c by 1/D̄, exact on average over coordinates weighted by their gradient energy (which v̂_c
+      measures), turns AdamW at rate η into gradient descent at η / D̄ on raw gradients.
+    * ``sum_denominator``: Σ_c D_c, and ``sum_second_moment``: Σ_c v̂_c, against which the estimator compares the
+      second moment of a fine-tune's own minibatch gradients (``EstimatorConfig.finetune_batch_size``).
+    * ``num_parameters``: the number of coordinates.
+
+    Raises:
+        PreconditionerError: the optimizer keeps no Adam state for every trainable parameter, or it is all zero.
+    """
+    energy, weighted, total_d, count = 0.0, 0.0, 0.0, 0
+    for _, moment, step, beta2, eps, _ in _adam_entries(optimizer, model):
+        v_hat = moment.detach().to("cpu", torch.float64) / (1.0 - beta2**step)
+        denom = v_hat.sqrt() + eps
+        energy += float(v_hat.sum())
+        weighted += float((v_hat / denom).sum())
+        total_d += float(denom.sum())
+        count += v_hat.numel()
+    if not (energy > 0.0 and weighted > 0.0):
+        raise PreconditionerError(
+            "The optimizer's second moments are all zero (no gradient reached the trainable parameters), so "
+            "AdamW's step size cannot be read from them."
+        )
+    return {
+        "denominator": energy / weighted,
+        "sum_denominator": total_d,
+        "sum_second_moment": energy,
+        "num_parameters": float(count),
     }
 
 

@@ -17,6 +17,7 @@ from hf_subset_select import (
     GradientCollector,
     PreconditionerError,
     adam_preconditioner,
+    adam_step_scalars,
     make_synthetic_cache,
 )
 from hf_subset_select.cache import PRECONDITIONER_NAME
@@ -173,6 +174,59 @@ def test_trainer_callback_collects_in_adam_geometry(tmp_path, toy_sources, token
         model, output_dir=tmp_path / "again", optimizer=trainer.optimizer
     )
     torch.testing.assert_close(again.features, proj.cache.features, rtol=1e-5, atol=1e-7)
+
+
+def test_raw_cache_records_adams_step_scalars_for_the_budget_rule(tmp_path, toy_sources, tokenizer):
+    """precondition='none' keeps raw features, but the manifest gets AdamW's step size in a few numbers
+    (D̄ = Σ v̂ / Σ (v̂ / D), Σ D, Σ v̂ with D = sqrt(v̂) + eps) from the Trainer's optimizer; they survive save/load and
+    turn an AdamW learning rate into the estimator's step size."""
+    train, target_eval = toy_sources
+    model = _theta_star()
+    raw = GradientCollector(
+        _config(precondition="none", output_dir=str(tmp_path / "raw")), train, target_eval
+    )
+    trainer = _train(tmp_path, model, tokenizer, train, [raw])
+    v_hat = torch.cat(
+        [
+            (trainer.optimizer.state[p]["exp_avg_sq"].double() / (1 - 0.999 ** float(trainer.optimizer.state[p]["step"])))
+            .reshape(-1)
+            for _, p in trainable_parameters(model)
+        ]
+    )  # fmt: skip
+    denom = v_hat.sqrt() + 1e-8
+    expected = {
+        "denominator": float(v_hat.sum() / (v_hat / denom).sum()),
+        "sum_denominator": float(denom.sum()),
+        "sum_second_moment": float(v_hat.sum()),
+        "num_parameters": float(v_hat.numel()),
+    }
+    got = adam_step_scalars(trainer.optimizer, model)
+    assert got == pytest.approx(expected, rel=1e-9)
+    assert float(denom.min()) < got["denominator"] < float(denom.max())  # a weighted mean of the denominators
+
+    loaded = GradientCache.load(tmp_path / "raw")
+    assert loaded.preconditioner is None
+    for cache in (raw.cache, loaded):
+        info = cache.manifest["precondition"]
+        assert info["kind"] == "none" and info["adam_scalars"] == pytest.approx(expected, rel=1e-9)
+    loaded.take(loaded.split >= 0).save(tmp_path / "copy")  # a derived cache keeps them
+    copy = GradientCache.load(tmp_path / "copy")
+    assert copy.manifest["precondition"]["adam_scalars"] == pytest.approx(expected, rel=1e-9)
+    est = FirstOrderEstimator(copy, finetune_lr=1e-3, finetune_steps=20, finetune_batch_size=4)
+    kappa = est.adam_noise_scale(4)
+    assert est.budget_step_size() == pytest.approx(1e-3 / (expected["denominator"] * kappa))
+    assert est.resolved_l2() == pytest.approx(expected["denominator"] * kappa / (1e-3 * 20))
+    assert est.l2_rule == "budget"
+    sgd = FirstOrderEstimator(copy, finetune_lr=1e-3, finetune_steps=20, finetune_optimizer="sgd")
+    assert sgd.resolved_l2() == pytest.approx(50.0)
+    # Adam geometry records the same scalars next to its preconditioner
+    adam = GradientCollector(
+        _config(output_dir=str(tmp_path / "adam")), train, target_eval, tokenizer
+    ).collect(model, optimizer=trainer.optimizer)
+    assert adam.manifest["precondition"]["kind"] == "adam"
+    assert GradientCache.load(tmp_path / "adam").manifest["precondition"]["adam_scalars"] == pytest.approx(
+        expected
+    )
 
 
 def test_auto_falls_back_to_raw_gradients_without_adam_state(tmp_path, toy_sources, tokenizer):

@@ -140,7 +140,9 @@ def cmd_estimate(argv: Sequence[str]) -> None:
     losses = [float(x) for x in estimator.estimate(subsets)]
     base = float(estimator.base_loss)
     rows = [[",".join(sub), loss, loss - base] for sub, loss in zip(subsets, losses)]
-    print(f"target loss at θ* (no change): {base:.4f}   λ = {estimator.resolved_l2():.4g}")
+    print(
+        f"target loss at θ* (no change): {base:.4f}   λ = {estimator.resolved_l2():.4g} ({estimator.l2_rule} rule)"
+    )
     print(format_table(["subset", "estimated loss", "change"], rows))
     if est_args.output:
         atomic_write_json(
@@ -149,6 +151,7 @@ def cmd_estimate(argv: Sequence[str]) -> None:
                 "cache": cache_args.cache,
                 "base_loss": base,
                 "l2": estimator.resolved_l2(),
+                "l2_rule": estimator.l2_rule,
                 "estimates": [{"subset": sub, "loss": loss} for sub, loss in zip(subsets, losses)],
             },
         )

@@ -245,8 +245,39 @@ class EstimatorConfig(ConfigMixin):
     l2: float | None = field(
         default=None,
         metadata={
-            "help": "L2 strength λ. None: the automatic trust-radius rule (see docs/method.md); "
-            "calibrate() overrides it from a few real fine-tuning results."
+            "help": "L2 strength λ. None: the budget rule when finetune_lr and finetune_steps are set, else the "
+            "automatic trust-radius rule (see docs/method.md); calibrate() overrides it from a few real "
+            "fine-tuning results."
+        },
+    )
+    finetune_lr: float | None = field(
+        default=None,
+        metadata={
+            "help": "Learning rate of the target fine-tune the estimate stands for (its mean over the schedule, "
+            "sum of per-step rates / steps). With finetune_steps it replaces the trust-radius rule by the budget "
+            "rule λ = 1 / (η_eff · steps) (docs/method.md, section 6). Default: unset."
+        },
+    )
+    finetune_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Optimizer steps of that fine-tune: per subset with reduction='mean'; with reduction='sum', "
+            "the steps of the same number of epochs over all training rows (a subset takes its share)."
+        },
+    )
+    finetune_optimizer: str = field(
+        default="adamw",
+        metadata={
+            "help": "Optimizer of that fine-tune, for the budget rule: 'adamw' (its step size η_eff is η in a cache "
+            "collected in Adam geometry, η / D̄ from the cache manifest's adam_scalars for raw gradients) or "
+            "'sgd' (η_eff = η; raw-gradient caches only)."
+        },
+    )
+    finetune_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Examples per optimizer step of that fine-tune (per device x accumulation x processes); the "
+            "budget rule needs it for AdamW, whose step size depends on its minibatch noise."
         },
     )
     trust_radius: float = field(
@@ -322,6 +353,16 @@ class EstimatorConfig(ConfigMixin):
 
     def __post_init__(self) -> None:
         _check_positive("l2", self.l2, allow_none=True)
+        _check_positive("finetune_lr", self.finetune_lr, allow_none=True)
+        _check_positive("finetune_steps", self.finetune_steps, allow_none=True)
+        if (self.finetune_lr is None) != (self.finetune_steps is None):
+            raise ValueError(
+                "The budget λ rule needs both finetune_lr and finetune_steps (the target fine-tune's learning rate "
+                f"and optimizer steps); got finetune_lr={self.finetune_lr!r}, finetune_steps={self.finetune_steps!r}. "
+                "Set both, or neither for the trust-radius rule."
+            )
+        _check_choice("finetune_optimizer", self.finetune_optimizer, ("adamw", "sgd"))
+        _check_positive("finetune_batch_size", self.finetune_batch_size, allow_none=True)
         _check_positive("trust_radius", self.trust_radius)
         _check_positive("step_scale", self.step_scale, allow_zero=True)
         _check_choice("solver", self.solver, ("fast", "exact"))
@@ -332,6 +373,99 @@ class EstimatorConfig(ConfigMixin):
         _check_positive("num_threads", self.num_threads, allow_none=True)
         _check_positive("max_iter", self.max_iter)
         _check_positive("tol", self.tol)
+
+    @classmethod
+    def from_training_args(
+        cls, args: Any, num_train_examples: int | None = None, **fields: Any
+    ) -> EstimatorConfig:
+        """The budget λ rule's fields read off the ``TrainingArguments`` (or TRL ``SFTConfig``) of a fine-tune.
+
+        ``finetune_lr`` is the learning rate averaged over the run's schedule (warmup and decay included, from
+        transformers' own scheduler), ``finetune_optimizer`` comes from ``args.optim`` and ``finetune_batch_size``
+        is per-device batch x gradient accumulation x processes. With ``args.max_steps > 0``
+        every subset gets the same number of steps: ``reduction="mean"``, ``finetune_steps = max_steps``. Otherwise
+        the fine-tune runs ``num_train_epochs`` epochs and a bigger subset takes more steps: ``reduction="sum"``, and
+        ``finetune_steps`` counts those epochs over ``num_train_examples`` rows (all training rows of the cache, so
+        a subset takes its share); pass that number. Weight decay and gradient clipping are not modelled.
+
+        Args:
+            args: the fine-tune's ``transformers.TrainingArguments``.
+            num_train_examples: training rows of every source together (needed for epoch-based runs).
+            **fields: other :class:`EstimatorConfig` fields (they win over what is read from ``args``).
+        """
+        import math
+
+        import torch
+        from transformers.optimization import get_scheduler
+
+        optim = str(getattr(args.optim, "value", args.optim)).lower()
+        if optim.startswith("sgd"):
+            optimizer = "sgd"
+        elif "adam" in optim:
+            optimizer = "adamw"
+        else:
+            raise ValueError(
+                f"The budget λ rule models AdamW and SGD fine-tunes, not optim={optim!r}. Set EstimatorConfig.l2 "
+                "yourself, or calibrate() the estimator on a few real fine-tunes."
+            )
+        batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1)
+        if args.max_steps is not None and args.max_steps > 0:
+            steps, reduction = int(args.max_steps), "mean"
+        else:
+            if num_train_examples is None or num_train_examples <= 0:
+                raise ValueError(
+                    "These TrainingArguments run for num_train_epochs (max_steps is not set), so the number of steps "
+                    "depends on the data: pass num_train_examples= (the training rows of all sources, e.g. "
+                    "int(cache.train_mask.sum())), or set max_steps."
+                )
+            per_epoch = max(math.ceil(num_train_examples / batch), 1)
+            steps, reduction = max(math.ceil(args.num_train_epochs * per_epoch), 1), "sum"
+        lr = float(args.learning_rate)
+        if not lr > 0:
+            raise ValueError(
+                f"The TrainingArguments have learning_rate={lr!r}; the budget rule needs a positive one."
+            )
+        kind = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
+        if kind == "reduce_lr_on_plateau":  # depends on metrics nobody has yet: taken as constant
+            return cls(
+                **{
+                    "finetune_lr": lr,
+                    "finetune_steps": steps,
+                    "finetune_optimizer": optimizer,
+                    "finetune_batch_size": batch,
+                    "reduction": reduction,
+                    **fields,
+                }
+            )
+        param = torch.nn.Parameter(torch.zeros(1))
+        optimizer_obj = torch.optim.SGD([param], lr=lr)
+        scheduler = get_scheduler(
+            args.lr_scheduler_type,
+            optimizer=optimizer_obj,
+            num_warmup_steps=args.get_warmup_steps(steps),
+            num_training_steps=steps,
+            scheduler_specific_kwargs=dict(args.lr_scheduler_kwargs or {}),
+        )
+        total = 0.0
+        for _ in range(steps):
+            total += float(optimizer_obj.param_groups[0]["lr"])
+            optimizer_obj.step()
+            scheduler.step()
+        mean_lr = total / steps
+        if not mean_lr > 0:
+            raise ValueError(
+                "The learning-rate schedule of these TrainingArguments is zero at every step; the budget rule needs "
+                "a fine-tune that moves."
+            )
+        values: dict[str, Any] = {
+            "finetune_lr": mean_lr,
+            "finetune_steps": steps,
+            "finetune_optimizer": optimizer,
+            "finetune_batch_size": batch,
+            "reduction": reduction,
+        }
+        values.update(fields)
+        return cls(**values)
 
 
 @dataclass

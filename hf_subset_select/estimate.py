@@ -186,6 +186,7 @@ class FirstOrderEstimator:
         self._stats: _Stats | None = None
         self._features64: torch.Tensor | None = None
         self._auto_l2: float | None = None
+        self._kappa: dict[int, float] = {}
         self.l2: float | None = config.l2
         self.step_scale: float = float(config.step_scale)
         self.last_solve_info: dict[str, Any] = {}
@@ -215,12 +216,129 @@ class FirstOrderEstimator:
         return float(F.softplus(-self._target_outputs).mean())
 
     def resolved_l2(self) -> float:
-        """λ in use: the configured or calibrated value, else the automatic rule's."""
+        """λ in use: the configured or calibrated value, else the budget rule's (when ``finetune_lr`` and
+        ``finetune_steps`` are set), else the trust-radius rule's."""
         if self.l2 is not None:
             return float(self.l2)
         if self._auto_l2 is None:
-            self._auto_l2 = self.auto_l2()
+            self._auto_l2 = self.budget_l2() if self.config.finetune_lr is not None else self.auto_l2()
         return self._auto_l2
+
+    @property
+    def l2_rule(self) -> str:
+        """Where :meth:`resolved_l2` comes from: 'calibrated', 'set' (configured), 'budget' or 'trust_radius'."""
+        if self.l2 is not None:
+            if self.calibration is not None and self.l2 == self.calibration.get("l2"):
+                return "calibrated"
+            return "set"
+        return "budget" if self.config.finetune_lr is not None else "trust_radius"
+
+    def budget_step_size(
+        self, lr: float | None = None, optimizer: str | None = None, batch_size: int | None = None
+    ) -> float:
+        """η_eff: the plain gradient-descent step size, in the cache's feature geometry, that stands for a fine-tune
+        at learning rate ``lr`` with ``optimizer`` ('adamw' or 'sgd') and ``batch_size`` examples per step
+        (defaults: the config's ``finetune_*`` fields). docs/method.md, section 6, has the derivation.
+
+        * SGD on raw gradients: η_eff = η.
+        * AdamW moves coordinate c by about η μ_c / D'_c, D'_c the fine-tune's own root second moment. In a cache
+          collected in Adam geometry the features already carry the meta-training denominators D_c, so
+          η_eff = η / κ; on raw gradients η_eff = η / (D̄ κ), with D̄ and Σ_c D_c, Σ_c v̂_c read by the collector from
+          the meta-training optimizer (``precondition.adam_scalars``, :func:`~hf_subset_select.adam_step_scalars`).
+          κ² = E‖ḡ‖² / Σ_c D_c (Adam geometry) or E‖ḡ‖² / Σ_c v̂_c (raw): how much larger the fine-tune's minibatch
+          gradients ḡ at θ* (signal plus minibatch noise, from the cache) are than what the meta-training
+          optimizer saw, as the median over the automatic rule's 64 reference subsets.
+        """
+        cfg = self.config
+        lr = cfg.finetune_lr if lr is None else float(lr)
+        optimizer = optimizer or cfg.finetune_optimizer
+        batch_size = cfg.finetune_batch_size if batch_size is None else int(batch_size)
+        if lr is None or not lr > 0:
+            raise ValueError(
+                "budget_step_size() needs a positive learning rate (EstimatorConfig.finetune_lr)."
+            )
+        info = self.cache.manifest.get("precondition") or {"kind": "none"}
+        kind = info.get("kind", "none")
+        if optimizer == "sgd":
+            if kind != "none":
+                raise ValueError(
+                    f"The cache was collected in a preconditioned geometry (precondition kind {kind!r}), which models "
+                    "AdamW, but finetune_optimizer='sgd'. Collect with CollectConfig(precondition='none') for an SGD "
+                    "fine-tune, or set finetune_optimizer='adamw'."
+                )
+            return lr
+        if optimizer != "adamw":
+            raise ValueError(f"optimizer={optimizer!r} is not valid; choose 'adamw' or 'sgd'.")
+        scalars = info.get("adam_scalars") or {}
+        needed = ("denominator", "sum_denominator", "sum_second_moment")
+        if not all(isinstance(scalars.get(k), (int, float)) and scalars[k] > 0 for k in needed):
+            raise ValueError(
+                "The budget λ rule for an AdamW fine-tune needs the meta-training AdamW's step size, which the "
+                "collector records (precondition.adam_scalars in the cache manifest) only when it sees that optimizer. "
+                "Run the GradientCollector as a Trainer callback, or pass collect(..., optimizer=trainer.optimizer); "
+                "or set EstimatorConfig.l2 yourself / calibrate() on a few real fine-tunes."
+            )
+        if batch_size is None or batch_size <= 0:
+            raise ValueError(
+                "The budget λ rule for an AdamW fine-tune needs its batch size (examples per optimizer step, all "
+                "processes and accumulation steps together): set EstimatorConfig.finetune_batch_size, or build the "
+                "config with EstimatorConfig.from_training_args(args)."
+            )
+        kappa = self.adam_noise_scale(batch_size)
+        if kind == "none":
+            return lr / (float(scalars["denominator"]) * kappa)
+        return lr / kappa
+
+    def adam_noise_scale(self, batch_size: int) -> float:
+        """κ of :meth:`budget_step_size`: the typical fine-tune's root minibatch second moment at θ* over the
+        meta-training optimizer's (1 when they agree; > 1 when a subset's mean gradient or a smaller batch makes
+        AdamW's own denominators larger)."""
+        key = int(batch_size)
+        cached = self._kappa.get(key)
+        if cached is not None:
+            return cached
+        info = self.cache.manifest.get("precondition") or {"kind": "none"}
+        scalars = info.get("adam_scalars") or {}
+        reference = float(
+            scalars["sum_second_moment" if info.get("kind", "none") == "none" else "sum_denominator"]
+        )
+        g = self._features.to(torch.float64)
+        resid = torch.sigmoid(-self._outputs)  # |dℓ/dz| at θ*: the per-example loss gradient is resid_i g_i
+        n_src = len(self._order)
+        first = torch.zeros(n_src, g.shape[1], dtype=torch.float64).index_add_(
+            0, self._row_source, resid[:, None] * g
+        )
+        second = torch.zeros(n_src, dtype=torch.float64).index_add_(
+            0, self._row_source, resid * resid * (g * g).sum(1)
+        )
+        m = self._reference_membership()
+        count = m @ self._counts
+        mean = (m @ first) / count[:, None]
+        mean_sq = (mean * mean).sum(1)
+        minibatch = mean_sq + ((m @ second) / count - mean_sq).clamp_min(0.0) / key
+        kappa = math.sqrt(max(float(minibatch.median()) / reference, 1e-30))
+        self._kappa[key] = kappa
+        return kappa
+
+    def budget_l2(
+        self,
+        lr: float | None = None,
+        steps: int | None = None,
+        optimizer: str | None = None,
+        batch_size: int | None = None,
+    ) -> float:
+        """λ of the budget rule: 1 / (η_eff · steps) (documented in docs/method.md, section 6).
+
+        Gradient descent for t = η_eff · steps on the quadratic model and the ridge with λ = 1/t shrink each
+        curvature direction h by nearly the same factor (1 - exp(-h t) against h t / (1 + h t)), so the ridge
+        stands for that fine-tuning budget. Defaults: the config's ``finetune_*`` fields; with ``reduction="sum"``,
+        ``steps`` counts a fine-tune over all training rows for the same number of epochs. η_eff comes from
+        :meth:`budget_step_size`.
+        """
+        steps = self.config.finetune_steps if steps is None else int(steps)
+        if steps is None or steps <= 0:
+            raise ValueError("budget_l2() needs a positive number of steps (EstimatorConfig.finetune_steps).")
+        return 1.0 / (self.budget_step_size(lr, optimizer, batch_size) * steps)
 
     # ------------------------------------------------------------------ subsets
     def membership(self, subsets: Any) -> torch.Tensor:

@@ -344,6 +344,7 @@ def select_sources(
     n = len(names)
     info: dict[str, Any] = {
         "l2": estimator.resolved_l2(),
+        "l2_rule": estimator.l2_rule,
         "step_scale": estimator.step_scale,
         "solver": estimator.config.solver,
         "base_loss": estimator.base_loss,

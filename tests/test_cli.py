@@ -164,3 +164,16 @@ def test_collect_from_a_meta_init_dir_and_files(tmp_path, tokenizer, capsys):
     err = _error(capsys, argv + ["--seed", "1"])
     assert "overwrite" in err.lower() or "differ" in err.lower()
     assert "--train_files" in _error(capsys, ["collect", "--meta_init", str(theta)])
+
+
+def test_estimate_with_the_budget_rule(cache_dir, tmp_path, capsys):
+    out = tmp_path / "budget.json"
+    argv = ["estimate", "--cache", cache_dir, "--subsets", "aligned_0", "--output", str(out)]
+    budget = ["--estimator_finetune_lr", "0.01", "--estimator_finetune_steps", "10"]
+    assert main([*argv, *budget, "--estimator_finetune_optimizer", "sgd"]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["l2_rule"] == "budget" and saved["l2"] == pytest.approx(10.0)
+    assert "(budget rule)" in capsys.readouterr().out
+    # AdamW needs the meta-training optimizer's step size, which a synthetic cache does not have
+    err = _error(capsys, [*argv, *budget, "--estimator_finetune_batch_size", "8"])
+    assert "adam_scalars" in err

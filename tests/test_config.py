@@ -70,3 +70,38 @@ def test_load_rejects_wrong_type_and_unknown_fields(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"config_type": "collect_config", "bogus": 1}))
     with pytest.raises(ValueError, match="bogus"):
         CollectConfig.load(tmp_path / "bad.json")
+
+
+def test_estimator_config_from_training_args_reads_the_budget(tmp_path):
+    from transformers import TrainingArguments
+
+    def targs(**kw):
+        return TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, **kw)
+
+    # linear decay from 1e-4 over 20 steps: the mean rate is 1e-4 * (20 + 19 + ... + 1) / 20 / 20
+    cfg = EstimatorConfig.from_training_args(
+        targs(max_steps=20, learning_rate=1e-4, lr_scheduler_type="linear", optim="adamw_torch")
+    )
+    assert cfg.finetune_steps == 20 and cfg.reduction == "mean" and cfg.finetune_optimizer == "adamw"
+    assert cfg.finetune_lr == pytest.approx(1e-4 * 210 / 400)
+    warm = EstimatorConfig.from_training_args(
+        targs(max_steps=10, learning_rate=1e-3, lr_scheduler_type="constant_with_warmup", warmup_steps=4)
+    )
+    assert warm.finetune_lr == pytest.approx(1e-3 * (0 + 0.25 + 0.5 + 0.75 + 6) / 10)
+    # epochs: steps over all training rows of the cache, summed reduction; other fields pass through and win
+    epochs = EstimatorConfig.from_training_args(
+        targs(num_train_epochs=2, per_device_train_batch_size=8, gradient_accumulation_steps=2, optim="sgd",
+              lr_scheduler_type="constant", learning_rate=0.1),
+        num_train_examples=100,
+        solver="exact",
+    )  # fmt: skip
+    assert (epochs.finetune_steps, epochs.reduction, epochs.finetune_optimizer) == (14, "sum", "sgd")
+    assert epochs.finetune_batch_size == 16 and cfg.finetune_batch_size == 8
+    assert epochs.finetune_lr == pytest.approx(0.1) and epochs.solver == "exact"
+    with pytest.raises(ValueError, match="num_train_examples"):
+        EstimatorConfig.from_training_args(targs(num_train_epochs=1))
+    with pytest.raises(ValueError, match="models AdamW and SGD.*calibrate"):
+        EstimatorConfig.from_training_args(targs(max_steps=5, optim="adafactor"))
+    # the fields round-trip through JSON like every other config field
+    again = EstimatorConfig.from_dict(json.loads(cfg.to_json_string()))
+    assert again.finetune_lr == cfg.finetune_lr and again.finetune_steps == 20

@@ -245,6 +245,96 @@ def test_calibrate_recovers_l2_and_step_scale():
         est.calibrate({})
 
 
+def _gradient_descent_loss(cache, subset, lr, steps):
+    """Target loss after `steps` full-batch gradient-descent steps at `lr` on the subset's mean linearized loss
+    (the target's training source included), run directly on the cached rows."""
+    g, f = cache.features.double(), cache.outputs.double()
+    names = [cache.sources[int(i)] for i in cache.source_index]
+    keep = torch.tensor(
+        [bool(cache.train_mask[i]) and (n in subset or n == cache.target_source) for i, n in enumerate(names)]
+    )
+    gs, fs = g[keep], f[keep]
+    w = torch.zeros(g.shape[1], dtype=torch.float64)
+    for _ in range(steps):
+        w = w + lr * (torch.sigmoid(-(fs + gs @ w))[:, None] * gs).mean(0)
+    tmask = cache.target_mask
+    return float(torch.nn.functional.softplus(-(f[tmask] + g[tmask] @ w)).mean())
+
+
+def test_budget_l2_stands_for_gradient_descent_with_that_budget():
+    """λ = 1/(η·steps) reproduces the target-loss change of real gradient descent on the linearized model while
+    the budget is small against the curvature (η·steps·h_max = 0.1: within 10%); the trust-radius default,
+    which does not know the budget, is off by several times there."""
+    cache = make_synthetic_cache(dim=16, seed=21)
+    g, f = cache.features.double()[cache.train_mask], cache.outputs.double()[cache.train_mask]
+    curv = torch.sigmoid(f) * torch.sigmoid(-f)
+    h_max = float(torch.linalg.eigvalsh((g * curv[:, None]).T @ g / len(f)).max())
+    steps = 40
+    lr = 0.1 / h_max / steps
+    subsets = [
+        ["aligned_0"],
+        ["opposed_0"],
+        ["aligned_1", "orthogonal_0"],
+        ["opposed_1", "orthogonal_1", "aligned_0"],
+    ]
+    truth = torch.tensor([_gradient_descent_loss(cache, s, lr, steps) for s in subsets])
+    for solver in ("fast", "exact"):
+        est = FirstOrderEstimator(
+            cache, finetune_lr=lr, finetune_steps=steps, finetune_optimizer="sgd", solver=solver
+        )
+        assert est.l2_rule == "budget" and est.resolved_l2() == pytest.approx(1.0 / (lr * steps))
+        change, true_change = est.estimate(subsets) - est.base_loss, truth - est.base_loss
+        assert ((change - true_change).abs() / true_change.abs()).max() < 0.1, (change, true_change)
+    default = FirstOrderEstimator(cache)
+    assert default.l2_rule == "trust_radius"
+    off = ((default.estimate(subsets) - default.base_loss) - (truth - default.base_loss)).abs()
+    assert (off / (truth - default.base_loss).abs()).min() > 1.0
+    # an explicit l2 wins over the budget; twice the budget halves λ
+    assert FirstOrderEstimator(cache, l2=0.5, finetune_lr=lr, finetune_steps=steps).l2_rule == "set"
+    twice = FirstOrderEstimator(cache, finetune_lr=2 * lr, finetune_steps=steps, finetune_optimizer="sgd")
+    assert twice.resolved_l2() == pytest.approx(0.5 / (lr * steps))
+
+
+def test_budget_rule_for_adamw_reads_the_optimizer_and_its_noise():
+    cache = make_synthetic_cache(dim=8, seed=22)  # raw gradients, no optimizer recorded
+    est = FirstOrderEstimator(cache, finetune_lr=1e-3, finetune_steps=10, finetune_batch_size=8)  # AdamW
+    with pytest.raises(ValueError, match="adam_scalars.*Trainer callback"):
+        est.resolved_l2()
+    g = cache.features.double()[cache.train_mask]
+    resid = torch.sigmoid(-cache.outputs.double()[cache.train_mask])
+    energy = float(((resid[:, None] * g) ** 2).sum(1).mean())  # per-example E||∇ℓ||², all sources
+    scalars = {"denominator": 0.02, "sum_denominator": 3.0, "sum_second_moment": energy}
+    cache.manifest["precondition"] = {"kind": "none", "adam_scalars": scalars}
+    raw = FirstOrderEstimator(cache, finetune_lr=1e-3, finetune_steps=10, finetune_batch_size=8)
+    kappa = raw.adam_noise_scale(8)
+    # minibatches of 8 from a typical subset: ||mean||² + (per-example energy - ||mean||²) / 8, against Σ v̂
+    assert 0.2 < kappa < 1.0
+    assert raw.resolved_l2() == pytest.approx(0.02 * kappa / (1e-3 * 10))
+    # a smaller batch is noisier: AdamW's denominators grow, its steps shrink, λ grows
+    assert raw.adam_noise_scale(1) > raw.adam_noise_scale(8) > raw.adam_noise_scale(1024)
+    assert raw.budget_l2(batch_size=1) > raw.budget_l2()
+    with pytest.raises(ValueError, match="finetune_batch_size.*from_training_args"):
+        FirstOrderEstimator(cache, finetune_lr=1e-3, finetune_steps=10).resolved_l2()
+    # SGD: no optimizer state or batch size needed
+    sgd = FirstOrderEstimator(cache, finetune_lr=1e-3, finetune_steps=10, finetune_optimizer="sgd")
+    assert sgd.resolved_l2() == pytest.approx(100.0)
+    # Adam geometry: AdamW is gradient descent on the features, up to the same noise scale (against Σ D)
+    cache.manifest["precondition"] = {"kind": "adam", "sha256": "0" * 64, "adam_scalars": scalars}
+    adam = FirstOrderEstimator(cache, finetune_lr=1e-3, finetune_steps=10, finetune_batch_size=8)
+    assert adam.adam_noise_scale(8) == pytest.approx(kappa * math.sqrt(energy / 3.0))
+    assert adam.resolved_l2() == pytest.approx(adam.adam_noise_scale(8) / (1e-3 * 10))
+    with pytest.raises(ValueError, match="preconditioned geometry.*precondition='none'"):
+        FirstOrderEstimator(
+            cache, finetune_lr=1e-3, finetune_steps=10, finetune_optimizer="sgd"
+        ).resolved_l2()
+    with pytest.raises(ValueError, match="both finetune_lr and finetune_steps"):
+        EstimatorConfig(finetune_lr=1e-3)
+    with pytest.raises(ValueError, match="finetune_optimizer"):
+        EstimatorConfig(finetune_lr=1e-3, finetune_steps=3, finetune_optimizer="adafactor")
+    with pytest.raises(ValueError, match="finetune_steps must be > 0"):
+        EstimatorConfig(finetune_lr=1e-3, finetune_steps=0)
+
+
 # ---------------------------------------------------------------------- bad input
 def test_empty_subset_error():
     cache = make_synthetic_cache(dim=8, target_train_examples=0, seed=9)

@@ -427,31 +427,23 @@ class EstimatorConfig(ConfigMixin):
             )
         kind = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
         if kind == "reduce_lr_on_plateau":  # depends on metrics nobody has yet: taken as constant
-            return cls(
-                **{
-                    "finetune_lr": lr,
-                    "finetune_steps": steps,
-                    "finetune_optimizer": optimizer,
-                    "finetune_batch_size": batch,
-                    "reduction": reduction,
-                    **fields,
-                }
+            mean_lr = lr
+        else:
+            param = torch.nn.Parameter(torch.zeros(1))
+            optimizer_obj = torch.optim.SGD([param], lr=lr)
+            scheduler = get_scheduler(
+                args.lr_scheduler_type,
+                optimizer=optimizer_obj,
+                num_warmup_steps=args.get_warmup_steps(steps),
+                num_training_steps=steps,
+                scheduler_specific_kwargs=dict(args.lr_scheduler_kwargs or {}),
             )
-        param = torch.nn.Parameter(torch.zeros(1))
-        optimizer_obj = torch.optim.SGD([param], lr=lr)
-        scheduler = get_scheduler(
-            args.lr_scheduler_type,
-            optimizer=optimizer_obj,
-            num_warmup_steps=args.get_warmup_steps(steps),
-            num_training_steps=steps,
-            scheduler_specific_kwargs=dict(args.lr_scheduler_kwargs or {}),
-        )
-        total = 0.0
-        for _ in range(steps):
-            total += float(optimizer_obj.param_groups[0]["lr"])
-            optimizer_obj.step()
-            scheduler.step()
-        mean_lr = total / steps
+            total = 0.0
+            for _ in range(steps):
+                total += float(optimizer_obj.param_groups[0]["lr"])
+                optimizer_obj.step()
+                scheduler.step()
+            mean_lr = total / steps
         if not mean_lr > 0:
             raise ValueError(
                 "The learning-rate schedule of these TrainingArguments is zero at every step; the budget rule needs "

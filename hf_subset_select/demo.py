@@ -103,7 +103,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     import transformers
 
     from .collector import GradientCollector
-    from .config import CollectConfig
+    from .config import CollectConfig, EstimatorConfig
     from .demo_tasks import PadCollator, make_demo_tasks
     from .encode import encode_example
     from .estimate import FirstOrderEstimator
@@ -163,7 +163,12 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     # 3. estimate + select -------------------------------------------------------------------------------
     torch.set_num_threads(default_threads)  # the estimator's linear algebra does use every core
     t0 = time.perf_counter()
-    estimator = FirstOrderEstimator(cache)
+    # the estimate stands for the check fine-tunes below (check_steps AdamW steps from θ*): the budget λ rule reads
+    # their learning rate, schedule, steps and batch size off their TrainingArguments
+    estimator = FirstOrderEstimator(
+        cache,
+        EstimatorConfig.from_training_args(tasks.training_arguments(out, max_steps=knobs["check_steps"])),
+    )
     # Per-source scores from the random ensemble (mean L̂ of the subsets holding the source); the keep/drop
     # decision from greedy forward selection on L̂, which was the more robust of the two on these tasks
     # (across seeds the ensemble sometimes kept a harmful source that shares the target's prompt).
@@ -299,7 +304,9 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
             "Estimated vs true target loss",
             f"True = the same loss (mean log(1 + e^(-f)) over the target's evaluation examples) after really "
             f"fine-tuning θ* on target + the subset for {knobs['check_steps']} steps. Spearman {spearman:.3f}; mean "
-            f"relative error {rel:.2%} (predicting no change from θ*, loss {base_loss:.4f}: {nochange:.2%}).\n\n"
+            f"relative error {rel:.2%} (predicting no change from θ*, loss {base_loss:.4f}: {nochange:.2%}). "
+            f"λ = {estimator.resolved_l2():.4g} from the budget rule (learning rate, schedule, steps and batch "
+            "size of those fine-tunes; docs/method.md, section 6).\n\n"
             + markdown_table(check_headers, check_rows)
             + ("\n\n![estimated vs true](estimate_vs_true.png)" if scatter_png else ""),
         ),
@@ -321,6 +328,8 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         "spearman": spearman,
         "mean_relative_error": rel,
         "no_change_mean_relative_error": nochange,
+        "l2": estimator.resolved_l2(),
+        "l2_rule": estimator.l2_rule,
         "final": final_metrics,
         "seconds": timer.marks,
         "select_seconds": select_seconds,

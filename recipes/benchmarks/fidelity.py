@@ -10,8 +10,9 @@
    pass over the subset), several seeds (data order), no dropout. The truth is the target loss computed from
    the fine-tuned model's per-example log-odds exactly as the estimate defines it (mean log(1 + exp(-f_j))),
    averaged over seeds; the token-level cross entropy is reported too.
-4. Estimate the same subsets with the default (automatic) λ, and with λ and the step scale calibrated on
-   subsets held apart from the evaluated ones. The short budget is matched with ``reduction="mean"`` (a
+4. Estimate the same subsets with the trust-radius λ, with the budget λ rule (the fine-tunes' learning rate,
+   steps, batch size and optimizer; no real result used: ``budget_*`` keys), and with λ and the step scale
+   calibrated on subsets held apart from the evaluated ones. The short budget is matched with ``reduction="mean"`` (a
    fixed number of steps), the epoch budget with ``reduction="sum"`` (bigger subsets take more steps).
 
     python recipes/benchmarks/fidelity.py --output fidelity.json                    # ~3-5 min on 2 busy cores
@@ -513,6 +514,8 @@ def main() -> None:
 
     batch_size = 16
     budgets = {"short": lambda n: args.short_steps, "epoch": lambda n: math.ceil(n / batch_size)}
+    # the budget λ rule's steps: per subset (short, reduction="mean"); one epoch over every training row (epoch, "sum")
+    budget_steps = {"short": args.short_steps, "epoch": math.ceil(len(train_rows) / batch_size)}
     ft_model = copy.deepcopy(model)
     truth: dict[str, dict[tuple[str, ...], dict[str, Any]]] = {b: {} for b in budgets}
     finetune_seconds = 0.0
@@ -602,13 +605,30 @@ def main() -> None:
         oracle = FirstOrderEstimator(cache, solver=solver, reduction=reduction, l2=auto_l2)
         oracle.calibrate({s: v for s, v in zip(evals, t)}, l2_grid=grid, tolerance=0.0)
         oracle_est = oracle.estimate([list(s) for s in evals]).tolist()
+        ce = [truth[budget][s]["token_ce"] for s in evals]
+        # the budget rule: λ = 1 / (η_eff · steps) from the fine-tune's learning rate and steps (no real result)
+        budget_keys: dict[str, Any] = {}
+        if hasattr(est, "budget_l2"):
+            b_l2 = est.budget_l2(args.lr, budget_steps[budget], args.optim, batch_size)
+            est.l2 = b_l2
+            budget_est = est.estimate([list(s) for s in evals]).tolist()
+            est.l2 = auto_l2
+            m_b = fidelity_metrics(budget_est, t, base_loss, ce)
+            budget_keys = {
+                "budget_l2": b_l2,
+                "budget_spearman": m_b["spearman"],
+                "budget_mean_relative_error": m_b["mean_relative_error"],
+                "budget_error_ratio_vs_no_change": m_b["mean_relative_error"]
+                / m_b["no_change_mean_relative_error"],
+                "estimates_budget": budget_est,
+            }
         report = est.calibrate(calib_truth, l2_grid=grid)
         calibrated = est.estimate([list(s) for s in evals]).tolist()
         seconds = time.perf_counter() - t0
-        ce = [truth[budget][s]["token_ce"] for s in evals]
         m_default = fidelity_metrics(default, t, base_loss, ce)
         m_cal = fidelity_metrics(calibrated, t, base_loss, ce)
         return {
+            **budget_keys,
             "spearman": m_default["spearman"],
             "mean_relative_error": m_default["mean_relative_error"],
             "spearman_token_ce": m_default["spearman_token_ce"],
@@ -691,8 +711,12 @@ def main() -> None:
             "no_change_mean_relative_error",
             "error_ratio_vs_no_change",
             "spearman_token_ce",
+            "budget_spearman",
+            "budget_mean_relative_error",
+            "budget_error_ratio_vs_no_change",
         ):
-            entry[key] = head[key]
+            if key in head:
+                entry[key] = head[key]
         by_budget[budget] = entry
 
     short = by_budget["short"]
@@ -713,7 +737,11 @@ def main() -> None:
                 "truth_spread_std",
                 "true_loss_spread",
                 "seed_to_seed_spearman",
+                "budget_spearman",
+                "budget_mean_relative_error",
+                "budget_error_ratio_vs_no_change",
             )
+            if k in short
         },
         "linearized_optimizer_spearman": short["linearized_optimizer"]["spearman"],
         "linearized_optimizer_mean_relative_error": short["linearized_optimizer"]["mean_relative_error"],
@@ -776,9 +804,11 @@ def main() -> None:
                 "calibrated_spearman",
                 "calibrated_mean_relative_error",
                 "in_sample_calibrated_mean_relative_error",
+                "budget_spearman",
+                "budget_mean_relative_error",
             )
             ex = {k: round(res["exact"][k], 4) for k in keys[:4]} if "exact" in res else "-"
-            print(budget, d, {k: round(res[k], 4) for k in keys}, "exact:", ex)
+            print(budget, d, {k: round(res[k], 4) for k in keys if k in res}, "exact:", ex)
     for budget, entry in by_budget.items():
         lin = entry["linearized_optimizer"]
         print(

@@ -25,7 +25,8 @@ pretrained model, a small LoRA adapter, real text. The protocol and the JSON key
    (one pass; ``reduction="sum"``), at two learning rates, 3 seeds each. The truth is the target loss
    mean_j log(1 + exp(-f_j)) over the fine-tuned model's classification margins f_j (which is the target's cross
    entropy exactly), averaged over seeds; target accuracy is recorded too.
-5. Estimates with the default (automatic) λ and with λ and step scale calibrated on subsets held apart from the
+5. Estimates with the trust-radius λ, with the budget λ rule (the fine-tunes' learning rate, steps and batch size;
+   no real result used: ``budget_*`` keys) and with λ and step scale calibrated on subsets held apart from the
    evaluated ones; fast solver at every d, exact solver at d = 1024 (``--exact-dim``); forward check (θ* + step evaluated
    for real) at the headline d on the short budget.
 
@@ -563,6 +564,9 @@ def main() -> None:
 
     bs = args.batch_size
     budgets = {"short": lambda n: args.short_steps, "epoch": lambda n: math.ceil(n / bs)}
+    # the budget λ rule's steps: per subset for "short" (reduction="mean"); for "epoch" (reduction="sum") those of
+    # one epoch over every training row
+    budget_steps = {"short": args.short_steps, "epoch": math.ceil(len(train_rows) / bs)}
     truth: dict[float, dict[str, dict[tuple[str, ...], dict[str, Any]]]] = {
         lr: {b: {} for b in budgets} for lr in lrs
     }
@@ -673,6 +677,13 @@ def main() -> None:
             est.l2, est.step_scale = auto_l2, 1.0
             est.calibrate({s: v for s, v in zip(evals, t)}, l2_grid=grid, tolerance=0.0)
             oracle_est = est.estimate([list(s) for s in evals]).tolist()
+        # the budget rule: λ = 1 / (η_eff · steps) from the fine-tune's learning rate and steps, no real result used
+        budget_l2 = None
+        budget_est: list[float] | None = None
+        if hasattr(est, "budget_l2"):
+            budget_l2 = est.budget_l2(lr, budget_steps[budget], "adamw", bs)
+            est.l2, est.step_scale = budget_l2, 1.0
+            budget_est = est.estimate([list(s) for s in evals]).tolist()
         est.l2, est.step_scale = auto_l2, 1.0
         report = est.calibrate({s: truth[lr][budget][s]["loss"] for s in calib}, l2_grid=grid)
         calibrated = est.estimate([list(s) for s in evals]).tolist()
@@ -683,7 +694,21 @@ def main() -> None:
         # fidelity_metrics' 4th series is the target error rate (1 - accuracy): its Spearman is spearman_accuracy
         m_default = fidelity_metrics(default, t, base_loss, err)
         m_cal = fidelity_metrics(calibrated, t, base_loss, err)
+        m_budget = None if budget_est is None else fidelity_metrics(budget_est, t, base_loss, err)
+        budget_keys = (
+            {}
+            if m_budget is None
+            else {
+                "budget_l2": budget_l2,
+                "budget_spearman": m_budget["spearman"],
+                "budget_mean_relative_error": m_budget["mean_relative_error"],
+                "budget_error_ratio_vs_no_change": m_budget["mean_relative_error"]
+                / m_budget["no_change_mean_relative_error"],
+                "estimates_budget": budget_est,
+            }
+        )
         return {
+            **budget_keys,
             "spearman": m_default["spearman"],
             "mean_relative_error": m_default["mean_relative_error"],
             "spearman_accuracy": m_default["spearman_token_ce"],
@@ -828,8 +853,12 @@ def main() -> None:
                     "calibrated_spearman_accuracy",
                     "no_change_mean_relative_error",
                     "error_ratio_vs_no_change",
+                    "budget_spearman",
+                    "budget_mean_relative_error",
+                    "budget_error_ratio_vs_no_change",
                 ):
-                    entry[key] = head[key]
+                    if key in head:
+                        entry[key] = head[key]
                 by_budget[budget] = entry
                 row = {
                     "precondition": pc,
@@ -846,7 +875,12 @@ def main() -> None:
                             "error_ratio_vs_no_change",
                             "spearman_accuracy",
                             "in_sample_calibrated_mean_relative_error",
+                            "budget_l2",
+                            "budget_spearman",
+                            "budget_mean_relative_error",
+                            "budget_error_ratio_vs_no_change",
                         )
+                        if k in head
                     },
                     "exact_dim": args.exact_dim,
                     **{
@@ -882,8 +916,12 @@ def main() -> None:
                 "calibrated_spearman",
                 "no_change_mean_relative_error",
                 "error_ratio_vs_no_change",
+                "budget_spearman",
+                "budget_mean_relative_error",
+                "budget_error_ratio_vs_no_change",
                 *truth_keys,
             )
+            if k in short
         },
         "summary": summary,
         "by_dim": short["by_dim"],
@@ -900,6 +938,7 @@ def main() -> None:
         "estimate_setup_seconds_headline": short["by_dim"][args.headline_dim]["setup_seconds"],
         "estimate_seconds_per_subset_headline": short["by_dim"][args.headline_dim]["seconds_per_subset"],
         "num_finetunes": n_finetunes,
+        "finetunes_reused_from_truth_cache": reused is not None,
         "meta_train_and_collect_seconds": meta_and_collect_seconds,
         "trainable_parameters": first_cache.dim,
         "base_loss": base_loss,

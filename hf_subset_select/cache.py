@@ -247,7 +247,10 @@ class GradientCache:
         """The manifest's ``precondition`` entry for this cache (``{"kind": "none"}`` without a preconditioner)."""
         info = dict(self.manifest.get("precondition") or {})
         if self.preconditioner is None:  # raw gradients; AdamW's scalar step size is kept (the budget λ rule)
-            return {"kind": "none", **{k: v for k, v in info.items() if k == "adam_scalars"}}
+            return {
+                "kind": "none",
+                **{k: v for k, v in info.items() if k in ("adam_scalars", "adam_scalars_error")},
+            }
         if info.get("kind") in (None, "none"):
             info["kind"] = "custom"
         info["sha256"] = preconditioner_sha256(self.preconditioner)

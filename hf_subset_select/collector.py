@@ -13,7 +13,7 @@ example gets its own gradient, and the previous train/eval mode and attention ke
 With ``CollectConfig.precondition="auto"`` (opt-in; the default is raw gradients) each per-example gradient is
 scaled by Adam's feature scale ``s = (sqrt(v̂) + eps)^(-1/2)`` read from the meta-training optimizer before it is
 projected, so the estimate works in AdamW's geometry (docs/method.md, "Adam geometry"); the scale is stored with
-the cache. Either way, when the optimizer has Adam state, the manifest records AdamW's step size in one number
+the cache. Either way, when the optimizer has Adam state, the manifest records AdamW's step size in a few numbers
 (``precondition.adam_scalars``) for the estimator's budget rule.
 
 Examples are put in a canonical order (split, then ``example_id``) and cut into numbered shards; each process
@@ -565,14 +565,14 @@ class GradientCollector(TrainerCallback):
         shapes = [(n, tuple(p.shape)) for n, p in named]
         if preconditioner is not None and optimizer is not None:
             raise ValueError("Pass either optimizer= or preconditioner= to collect(), not both.")
-        # AdamW's step size in one number, for the estimator's budget λ rule on raw-gradient caches
-        # (informational: not part of the collection key)
+        # AdamW's step size in a few numbers, for the estimator's budget λ rule. Informational: not part of the
+        # collection key, and only the main process (which writes the manifest) computes it.
         denominator: dict[str, Any] = {}
-        if optimizer is not None:
+        if optimizer is not None and dist.is_main:
             try:
                 denominator["adam_scalars"] = adam_step_scalars(optimizer, model)
-            except PreconditionerError:
-                pass
+            except PreconditionerError as exc:  # kept, so that the estimator can say why they are missing
+                denominator["adam_scalars_error"] = str(exc)
         if mode == "none":
             if preconditioner is not None:
                 raise ValueError(

@@ -268,9 +268,10 @@ class EstimatorConfig(ConfigMixin):
     finetune_optimizer: str = field(
         default="adamw",
         metadata={
-            "help": "Optimizer of that fine-tune, for the budget rule: 'adamw' (its step size η_eff is η in a cache "
-            "collected in Adam geometry, η / D̄ from the cache manifest's adam_scalars for raw gradients) or "
-            "'sgd' (η_eff = η; raw-gradient caches only)."
+            "help": "Optimizer of that fine-tune, for the budget rule: 'adamw' (step size η_eff = η / κ in a cache "
+            "collected in Adam geometry, η / (D̄ κ) for raw gradients, with D̄ from the cache manifest's adam_scalars "
+            "and the noise scale κ from the cache and finetune_batch_size) or 'sgd' (η_eff = η; raw-gradient caches "
+            "only)."
         },
     )
     finetune_batch_size: int | None = field(
@@ -408,7 +409,8 @@ class EstimatorConfig(ConfigMixin):
                 f"The budget λ rule models AdamW and SGD fine-tunes, not optim={optim!r}. Set EstimatorConfig.l2 "
                 "yourself, or calibrate() the estimator on a few real fine-tunes."
             )
-        batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1)
+        # what the Trainer steps with: per device (x GPUs under DataParallel) x accumulation x processes
+        batch = int(args.train_batch_size) * args.gradient_accumulation_steps * max(args.world_size, 1)
         if args.max_steps is not None and args.max_steps > 0:
             steps, reduction = int(args.max_steps), "mean"
         else:
@@ -426,7 +428,10 @@ class EstimatorConfig(ConfigMixin):
                 f"The TrainingArguments have learning_rate={lr!r}; the budget rule needs a positive one."
             )
         kind = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
-        if kind == "reduce_lr_on_plateau":  # depends on metrics nobody has yet: taken as constant
+        if kind in (
+            "reduce_lr_on_plateau",
+            "greedy",
+        ):  # they follow metrics nobody has yet: taken as constant
             mean_lr = lr
         else:
             param = torch.nn.Parameter(torch.zeros(1))
@@ -438,12 +443,16 @@ class EstimatorConfig(ConfigMixin):
                 num_training_steps=steps,
                 scheduler_specific_kwargs=dict(args.lr_scheduler_kwargs or {}),
             )
-            total = 0.0
-            for _ in range(steps):
-                total += float(optimizer_obj.param_groups[0]["lr"])
-                optimizer_obj.step()
-                scheduler.step()
-            mean_lr = total / steps
+            lambdas = getattr(scheduler, "lr_lambdas", None)
+            if lambdas is not None and len(lambdas) == 1:  # transformers' schedules: lr(t) = lr * λ(t)
+                mean_lr = lr * sum(float(lambdas[0](t)) for t in range(steps)) / steps
+            else:
+                total = 0.0
+                for _ in range(steps):
+                    total += float(optimizer_obj.param_groups[0]["lr"])
+                    optimizer_obj.step()
+                    scheduler.step()
+                mean_lr = total / steps
         if not mean_lr > 0:
             raise ValueError(
                 "The learning-rate schedule of these TrainingArguments is zero at every step; the budget rule needs "
@@ -456,6 +465,16 @@ class EstimatorConfig(ConfigMixin):
             "finetune_batch_size": batch,
             "reduction": reduction,
         }
+        if "reduction" in fields and fields["reduction"] != reduction:
+            raise ValueError(
+                f"reduction={fields['reduction']!r} does not match how these TrainingArguments count steps: "
+                + (
+                    "max_steps is set, so every subset gets the same steps (reduction='mean')."
+                    if reduction == "mean"
+                    else "they run epochs, so a bigger subset takes more steps (reduction='sum')."
+                )
+                + " Drop the reduction argument, or set finetune_lr/finetune_steps yourself."
+            )
         values.update(fields)
         return cls(**values)
 

@@ -185,7 +185,7 @@ class FirstOrderEstimator:
         self._counts = torch.bincount(self._row_source, minlength=len(self._order)).to(torch.float64)
         self._stats: _Stats | None = None
         self._features64: torch.Tensor | None = None
-        self._auto_l2: float | None = None
+        self._auto_l2: tuple[tuple[Any, ...], float] | None = None
         self._kappa: dict[int, float] = {}
         self.l2: float | None = config.l2
         self.step_scale: float = float(config.step_scale)
@@ -220,9 +220,21 @@ class FirstOrderEstimator:
         ``finetune_steps`` are set), else the trust-radius rule's."""
         if self.l2 is not None:
             return float(self.l2)
-        if self._auto_l2 is None:
-            self._auto_l2 = self.budget_l2() if self.config.finetune_lr is not None else self.auto_l2()
-        return self._auto_l2
+        cfg = self.config
+        key = (
+            (
+                cfg.finetune_lr,
+                cfg.finetune_steps,
+                cfg.finetune_optimizer,
+                cfg.finetune_batch_size,
+                cfg.reduction,
+            )
+            if cfg.finetune_lr is not None
+            else (cfg.trust_radius, cfg.reduction, cfg.seed)
+        )
+        if self._auto_l2 is None or self._auto_l2[0] != key:  # recomputed if the config was changed in place
+            self._auto_l2 = (key, self.budget_l2() if cfg.finetune_lr is not None else self.auto_l2())
+        return self._auto_l2[1]
 
     @property
     def l2_rule(self) -> str:
@@ -257,8 +269,7 @@ class FirstOrderEstimator:
             raise ValueError(
                 "budget_step_size() needs a positive learning rate (EstimatorConfig.finetune_lr)."
             )
-        info = self.cache.manifest.get("precondition") or {"kind": "none"}
-        kind = info.get("kind", "none")
+        kind = self.cache.precondition_info().get("kind", "none")
         if optimizer == "sgd":
             if kind != "none":
                 raise ValueError(
@@ -269,39 +280,50 @@ class FirstOrderEstimator:
             return lr
         if optimizer != "adamw":
             raise ValueError(f"optimizer={optimizer!r} is not valid; choose 'adamw' or 'sgd'.")
-        scalars = info.get("adam_scalars") or {}
-        needed = ("denominator", "sum_denominator", "sum_second_moment")
-        if not all(isinstance(scalars.get(k), (int, float)) and scalars[k] > 0 for k in needed):
-            raise ValueError(
-                "The budget λ rule for an AdamW fine-tune needs the meta-training AdamW's step size, which the "
-                "collector records (precondition.adam_scalars in the cache manifest) only when it sees that optimizer. "
-                "Run the GradientCollector as a Trainer callback, or pass collect(..., optimizer=trainer.optimizer); "
-                "or set EstimatorConfig.l2 yourself / calibrate() on a few real fine-tunes."
-            )
         if batch_size is None or batch_size <= 0:
             raise ValueError(
                 "The budget λ rule for an AdamW fine-tune needs its batch size (examples per optimizer step, all "
                 "processes and accumulation steps together): set EstimatorConfig.finetune_batch_size, or build the "
                 "config with EstimatorConfig.from_training_args(args)."
             )
+        _, scalars = self._adam_scalars()
         kappa = self.adam_noise_scale(batch_size)
         if kind == "none":
-            return lr / (float(scalars["denominator"]) * kappa)
+            return lr / (scalars["denominator"] * kappa)
         return lr / kappa
+
+    def _adam_scalars(self) -> tuple[str, dict[str, float]]:
+        """The cache's geometry kind and the meta-training AdamW's step scalars, or a ValueError naming the fix."""
+        info = self.cache.precondition_info()
+        scalars = info.get("adam_scalars") or {}
+        needed = ("denominator", "sum_denominator", "sum_second_moment")
+        if all(isinstance(scalars.get(k), (int, float)) and scalars[k] > 0 for k in needed):
+            return str(info.get("kind", "none")), {k: float(scalars[k]) for k in needed}
+        reason = info.get("adam_scalars_error")
+        raise ValueError(
+            "The budget λ rule for an AdamW fine-tune needs the meta-training AdamW's step size, which the collector "
+            "records (precondition.adam_scalars in the cache manifest) only when it sees that optimizer"
+            + (f"; here it could not read it: {reason}" if reason else "")
+            + ". Re-collect as a Trainer callback or with collect(..., optimizer=trainer.optimizer), with "
+            "CollectConfig(overwrite=True) (an existing collection is otherwise reused as it is); or set "
+            "EstimatorConfig.l2 yourself; or leave finetune_lr/finetune_steps unset for the trust-radius λ, and "
+            "calibrate() it on a few real fine-tunes."
+        )
 
     def adam_noise_scale(self, batch_size: int) -> float:
         """κ of :meth:`budget_step_size`: the typical fine-tune's root minibatch second moment at θ* over the
         meta-training optimizer's (1 when they agree; > 1 when a subset's mean gradient or a smaller batch makes
         AdamW's own denominators larger)."""
         key = int(batch_size)
+        if key <= 0:
+            raise ValueError(
+                f"batch_size must be a positive number of examples per step, got {batch_size!r}."
+            )
         cached = self._kappa.get(key)
         if cached is not None:
             return cached
-        info = self.cache.manifest.get("precondition") or {"kind": "none"}
-        scalars = info.get("adam_scalars") or {}
-        reference = float(
-            scalars["sum_second_moment" if info.get("kind", "none") == "none" else "sum_denominator"]
-        )
+        kind, scalars = self._adam_scalars()
+        reference = scalars["sum_second_moment" if kind == "none" else "sum_denominator"]
         g = self._features.to(torch.float64)
         resid = torch.sigmoid(-self._outputs)  # |dℓ/dz| at θ*: the per-example loss gradient is resid_i g_i
         n_src = len(self._order)

@@ -167,12 +167,15 @@ def adam_step_scalars(optimizer: Any, model: Any) -> dict[str, float]:
     """
     energy, weighted, total_d, count = 0.0, 0.0, 0.0, 0
     for _, moment, step, beta2, eps, _ in _adam_entries(optimizer, model):
-        v_hat = moment.detach().to("cpu", torch.float64) / (1.0 - beta2**step)
-        denom = v_hat.sqrt() + eps
-        energy += float(v_hat.sum())
-        weighted += float((v_hat / denom).sum())
-        total_d += float(denom.sum())
-        count += v_hat.numel()
+        correction = 1.0 - beta2**step
+        # on the state's own device, a few million entries at a time: no full float64 copy of a large moment
+        for chunk in moment.detach().reshape(-1).split(1 << 22):
+            v_hat = chunk.to(torch.float64) / correction
+            denom = v_hat.sqrt() + eps
+            energy += float(v_hat.sum())
+            weighted += float((v_hat / denom).sum())
+            total_d += float(denom.sum())
+        count += moment.numel()
     if not (energy > 0.0 and weighted > 0.0):
         raise PreconditionerError(
             "The optimizer's second moments are all zero (no gradient reached the trainable parameters), so "

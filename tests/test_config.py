@@ -102,6 +102,13 @@ def test_estimator_config_from_training_args_reads_the_budget(tmp_path):
         EstimatorConfig.from_training_args(targs(num_train_epochs=1))
     with pytest.raises(ValueError, match="models AdamW and SGD.*calibrate"):
         EstimatorConfig.from_training_args(targs(max_steps=5, optim="adafactor"))
+    with pytest.raises(ValueError, match="reduction='sum'.*does not match.*max_steps is set"):
+        EstimatorConfig.from_training_args(targs(max_steps=5), reduction="sum")
+    # schedules that follow evaluation metrics are taken as constant
+    greedy = EstimatorConfig.from_training_args(
+        targs(max_steps=5, learning_rate=2e-4, lr_scheduler_type="greedy", eval_strategy="steps")
+    )
+    assert greedy.finetune_lr == pytest.approx(2e-4)
     # the fields round-trip through JSON like every other config field
     again = EstimatorConfig.from_dict(json.loads(cfg.to_json_string()))
     assert again.finetune_lr == cfg.finetune_lr and again.finetune_steps == 20

@@ -245,14 +245,18 @@ def test_calibrate_recovers_l2_and_step_scale():
         est.calibrate({})
 
 
+def _subset_rows(cache, subset):
+    names = [cache.sources[int(i)] for i in cache.source_index]
+    return torch.tensor(
+        [bool(cache.train_mask[i]) and (n in subset or n == cache.target_source) for i, n in enumerate(names)]
+    )
+
+
 def _gradient_descent_loss(cache, subset, lr, steps):
     """Target loss after `steps` full-batch gradient-descent steps at `lr` on the subset's mean linearized loss
     (the target's training source included), run directly on the cached rows."""
     g, f = cache.features.double(), cache.outputs.double()
-    names = [cache.sources[int(i)] for i in cache.source_index]
-    keep = torch.tensor(
-        [bool(cache.train_mask[i]) and (n in subset or n == cache.target_source) for i, n in enumerate(names)]
-    )
+    keep = _subset_rows(cache, subset)
     gs, fs = g[keep], f[keep]
     w = torch.zeros(g.shape[1], dtype=torch.float64)
     for _ in range(steps):
@@ -261,45 +265,84 @@ def _gradient_descent_loss(cache, subset, lr, steps):
     return float(torch.nn.functional.softplus(-(f[tmask] + g[tmask] @ w)).mean())
 
 
+_GD_SUBSETS = [
+    ["aligned_0"],
+    ["opposed_0"],
+    ["aligned_1", "orthogonal_0"],
+    ["opposed_1", "orthogonal_1", "aligned_0"],
+]
+
+
+def _h_max(cache):
+    g, f = cache.features.double()[cache.train_mask], cache.outputs.double()[cache.train_mask]
+    curv = torch.sigmoid(f) * torch.sigmoid(-f)
+    return float(torch.linalg.eigvalsh((g * curv[:, None]).T @ g / len(f)).max())
+
+
 def test_budget_l2_stands_for_gradient_descent_with_that_budget():
     """λ = 1/(η·steps) reproduces the target-loss change of real gradient descent on the linearized model while
     the budget is small against the curvature (η·steps·h_max = 0.1: within 10%); the trust-radius default,
     which does not know the budget, is off by several times there."""
     cache = make_synthetic_cache(dim=16, seed=21)
-    g, f = cache.features.double()[cache.train_mask], cache.outputs.double()[cache.train_mask]
-    curv = torch.sigmoid(f) * torch.sigmoid(-f)
-    h_max = float(torch.linalg.eigvalsh((g * curv[:, None]).T @ g / len(f)).max())
     steps = 40
-    lr = 0.1 / h_max / steps
-    subsets = [
-        ["aligned_0"],
-        ["opposed_0"],
-        ["aligned_1", "orthogonal_0"],
-        ["opposed_1", "orthogonal_1", "aligned_0"],
-    ]
-    truth = torch.tensor([_gradient_descent_loss(cache, s, lr, steps) for s in subsets])
+    lr = 0.1 / _h_max(cache) / steps
+    truth = torch.tensor([_gradient_descent_loss(cache, s, lr, steps) for s in _GD_SUBSETS])
     for solver in ("fast", "exact"):
         est = FirstOrderEstimator(
             cache, finetune_lr=lr, finetune_steps=steps, finetune_optimizer="sgd", solver=solver
         )
         assert est.l2_rule == "budget" and est.resolved_l2() == pytest.approx(1.0 / (lr * steps))
-        change, true_change = est.estimate(subsets) - est.base_loss, truth - est.base_loss
+        change, true_change = est.estimate(_GD_SUBSETS) - est.base_loss, truth - est.base_loss
         assert ((change - true_change).abs() / true_change.abs()).max() < 0.1, (change, true_change)
     default = FirstOrderEstimator(cache)
     assert default.l2_rule == "trust_radius"
-    off = ((default.estimate(subsets) - default.base_loss) - (truth - default.base_loss)).abs()
+    off = ((default.estimate(_GD_SUBSETS) - default.base_loss) - (truth - default.base_loss)).abs()
     assert (off / (truth - default.base_loss).abs()).min() > 1.0
     # an explicit l2 wins over the budget; twice the budget halves λ
     assert FirstOrderEstimator(cache, l2=0.5, finetune_lr=lr, finetune_steps=steps).l2_rule == "set"
     twice = FirstOrderEstimator(cache, finetune_lr=2 * lr, finetune_steps=steps, finetune_optimizer="sgd")
     assert twice.resolved_l2() == pytest.approx(0.5 / (lr * steps))
+    # the config changed in place: λ follows (no stale cached value)
+    default.config.finetune_lr, default.config.finetune_steps = lr, steps
+    default.config.finetune_optimizer = "sgd"
+    assert default.l2_rule == "budget" and default.resolved_l2() == pytest.approx(1.0 / (lr * steps))
+
+
+def test_budget_l2_with_epochs_gives_each_subset_its_share_of_the_steps():
+    """reduction='sum': finetune_steps counts the epochs over every training row; a subset with N_S of the N rows
+    runs steps · N_S / N steps of gradient descent on its own mean loss, and the estimate follows that."""
+    cache = make_synthetic_cache(dim=16, examples_per_source=[40, 80, 40, 80, 40, 80], seed=23)
+    n_train = int(cache.train_mask.sum())
+    steps_all = 60
+    lr = 0.1 / _h_max(cache) / steps_all
+    est = FirstOrderEstimator(
+        cache, finetune_lr=lr, finetune_steps=steps_all, finetune_optimizer="sgd", reduction="sum"
+    )
+    assert est.resolved_l2() == pytest.approx(1.0 / (lr * steps_all))
+    truth = []
+    for subset in _GD_SUBSETS:
+        share = int(_subset_rows(cache, subset).sum()) / n_train
+        truth.append(_gradient_descent_loss(cache, subset, lr, round(steps_all * share)))
+    change, true_change = est.estimate(_GD_SUBSETS) - est.base_loss, torch.tensor(truth) - est.base_loss
+    assert ((change - true_change).abs() / true_change.abs()).max() < 0.1, (change, true_change)
+    # at a fixed number of steps per subset (reduction='mean') each subset runs all 60 steps and moves further
+    fixed = FirstOrderEstimator(
+        cache, finetune_lr=lr, finetune_steps=steps_all, finetune_optimizer="sgd", reduction="mean"
+    )
+    assert ((fixed.estimate(_GD_SUBSETS) - fixed.base_loss).abs() > change.abs()).all()
 
 
 def test_budget_rule_for_adamw_reads_the_optimizer_and_its_noise():
     cache = make_synthetic_cache(dim=8, seed=22)  # raw gradients, no optimizer recorded
     est = FirstOrderEstimator(cache, finetune_lr=1e-3, finetune_steps=10, finetune_batch_size=8)  # AdamW
-    with pytest.raises(ValueError, match="adam_scalars.*Trainer callback"):
+    with pytest.raises(ValueError, match="adam_scalars.*Trainer callback.*overwrite=True"):
         est.resolved_l2()
+    cache.manifest["precondition"] = {
+        "kind": "none",
+        "adam_scalars_error": "The optimizer SGD keeps no state",
+    }
+    with pytest.raises(ValueError, match="could not read it: The optimizer SGD keeps no state"):
+        FirstOrderEstimator(cache, finetune_lr=1e-3, finetune_steps=10, finetune_batch_size=8).resolved_l2()
     g = cache.features.double()[cache.train_mask]
     resid = torch.sigmoid(-cache.outputs.double()[cache.train_mask])
     energy = float(((resid[:, None] * g) ** 2).sum(1).mean())  # per-example E||∇ℓ||², all sources
@@ -307,25 +350,53 @@ def test_budget_rule_for_adamw_reads_the_optimizer_and_its_noise():
     cache.manifest["precondition"] = {"kind": "none", "adam_scalars": scalars}
     raw = FirstOrderEstimator(cache, finetune_lr=1e-3, finetune_steps=10, finetune_batch_size=8)
     kappa = raw.adam_noise_scale(8)
-    # minibatches of 8 from a typical subset: ||mean||² + (per-example energy - ||mean||²) / 8, against Σ v̂
-    assert 0.2 < kappa < 1.0
     assert raw.resolved_l2() == pytest.approx(0.02 * kappa / (1e-3 * 10))
+
+    # κ² against sampled minibatches: draw batches of 8 rows (with replacement) from each reference subset,
+    # average the squared norm of their mean loss gradient, take the median over the subsets, divide by Σ v̂
+    gen = torch.Generator().manual_seed(0)
+    x = resid[:, None] * g
+    sampled = []
+    for row in raw._reference_membership():
+        rows = torch.nonzero(row[raw._row_source] > 0).flatten()
+        picks = rows[torch.randint(0, len(rows), (4000, 8), generator=gen)]
+        sampled.append(float((x[picks].mean(1) ** 2).sum(1).mean()))
+    monte_carlo = math.sqrt(float(torch.tensor(sampled).median()) / energy)
+    assert kappa == pytest.approx(monte_carlo, rel=0.05)
     # a smaller batch is noisier: AdamW's denominators grow, its steps shrink, λ grows
     assert raw.adam_noise_scale(1) > raw.adam_noise_scale(8) > raw.adam_noise_scale(1024)
     assert raw.budget_l2(batch_size=1) > raw.budget_l2()
     with pytest.raises(ValueError, match="finetune_batch_size.*from_training_args"):
         FirstOrderEstimator(cache, finetune_lr=1e-3, finetune_steps=10).resolved_l2()
+    with pytest.raises(ValueError, match="positive number of examples"):
+        raw.adam_noise_scale(0)
     # SGD: no optimizer state or batch size needed
     sgd = FirstOrderEstimator(cache, finetune_lr=1e-3, finetune_steps=10, finetune_optimizer="sgd")
     assert sgd.resolved_l2() == pytest.approx(100.0)
-    # Adam geometry: AdamW is gradient descent on the features, up to the same noise scale (against Σ D)
-    cache.manifest["precondition"] = {"kind": "adam", "sha256": "0" * 64, "adam_scalars": scalars}
-    adam = FirstOrderEstimator(cache, finetune_lr=1e-3, finetune_steps=10, finetune_batch_size=8)
+    # calibration starts from the budget λ and then takes over
+    truth = {("aligned_0",): float(sgd.estimate([["aligned_0"]])[0]) * 1.01, ("opposed_0",): 1.2}
+    report = sgd.calibrate(truth)
+    assert report["l2_before"] == pytest.approx(100.0) and sgd.l2_rule == "calibrated"
+
+    # Adam geometry (a cache with a feature scale): AdamW is gradient descent on the features, up to the same
+    # noise scale against Σ D
+    adam_cache = GradientCache(
+        cache.features,
+        cache.outputs,
+        cache.example_ids,
+        cache.source_index,
+        cache.split,
+        cache.sources,
+        target_source=cache.target_source,
+        manifest={"precondition": {"kind": "adam", "adam_scalars": scalars}},
+        preconditioner={"w": torch.ones(3)},
+    )
+    adam = FirstOrderEstimator(adam_cache, finetune_lr=1e-3, finetune_steps=10, finetune_batch_size=8)
     assert adam.adam_noise_scale(8) == pytest.approx(kappa * math.sqrt(energy / 3.0))
     assert adam.resolved_l2() == pytest.approx(adam.adam_noise_scale(8) / (1e-3 * 10))
     with pytest.raises(ValueError, match="preconditioned geometry.*precondition='none'"):
         FirstOrderEstimator(
-            cache, finetune_lr=1e-3, finetune_steps=10, finetune_optimizer="sgd"
+            adam_cache, finetune_lr=1e-3, finetune_steps=10, finetune_optimizer="sgd"
         ).resolved_l2()
     with pytest.raises(ValueError, match="both finetune_lr and finetune_steps"):
         EstimatorConfig(finetune_lr=1e-3)

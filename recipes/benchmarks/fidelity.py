@@ -489,6 +489,7 @@ def main() -> None:
             cache_id.sources,
             target_source=cache_id.target_source,
             manifest=manifest,
+            preconditioner=cache_id.preconditioner,  # Adam geometry: the same feature scale (forward_check lifts by it)
         )
     del names
 

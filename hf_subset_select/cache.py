@@ -243,8 +243,9 @@ class GradientCache:
             digest = hashlib.sha256(f"{digest}:{pre}".encode()).hexdigest()
         return digest[:16]
 
-    def precondition_info(self) -> dict[str, Any]:
-        """The manifest's ``precondition`` entry for this cache (``{"kind": "none"}`` without a preconditioner)."""
+    def precondition_info(self, with_sha256: bool = True) -> dict[str, Any]:
+        """The manifest's ``precondition`` entry for this cache (``{"kind": "none"}`` without a preconditioner);
+        ``with_sha256=False`` skips hashing the preconditioner (for callers that only need the kind)."""
         info = dict(self.manifest.get("precondition") or {})
         if self.preconditioner is None:  # raw gradients; AdamW's scalar step size is kept (the budget λ rule)
             return {
@@ -253,7 +254,8 @@ class GradientCache:
             }
         if info.get("kind") in (None, "none"):
             info["kind"] = "custom"
-        info["sha256"] = preconditioner_sha256(self.preconditioner)
+        if with_sha256:
+            info["sha256"] = preconditioner_sha256(self.preconditioner)
         info["file"] = PRECONDITIONER_NAME
         return info
 

@@ -269,7 +269,7 @@ class FirstOrderEstimator:
             raise ValueError(
                 "budget_step_size() needs a positive learning rate (EstimatorConfig.finetune_lr)."
             )
-        kind = self.cache.precondition_info().get("kind", "none")
+        kind = self.cache.precondition_info(with_sha256=False).get("kind", "none")
         if optimizer == "sgd":
             if kind != "none":
                 raise ValueError(
@@ -294,7 +294,7 @@ class FirstOrderEstimator:
 
     def _adam_scalars(self) -> tuple[str, dict[str, float]]:
         """The cache's geometry kind and the meta-training AdamW's step scalars, or a ValueError naming the fix."""
-        info = self.cache.precondition_info()
+        info = self.cache.precondition_info(with_sha256=False)
         scalars = info.get("adam_scalars") or {}
         needed = ("denominator", "sum_denominator", "sum_second_moment")
         if all(isinstance(scalars.get(k), (int, float)) and scalars[k] > 0 for k in needed):
@@ -324,19 +324,19 @@ class FirstOrderEstimator:
             return cached
         kind, scalars = self._adam_scalars()
         reference = scalars["sum_second_moment" if kind == "none" else "sum_denominator"]
-        g = self._features.to(torch.float64)
-        resid = torch.sigmoid(-self._outputs)  # |dℓ/dz| at θ*: the per-example loss gradient is resid_i g_i
-        n_src = len(self._order)
-        first = torch.zeros(n_src, g.shape[1], dtype=torch.float64).index_add_(
-            0, self._row_source, resid[:, None] * g
-        )
-        second = torch.zeros(n_src, dtype=torch.float64).index_add_(
-            0, self._row_source, resid * resid * (g * g).sum(1)
+        # per-source sums of the per-example loss gradients resid_i g_i are the fast path's statistics (kept
+        # directions plus the orthogonal tail, so their squared norms add up); squared norms row by row
+        st = self._prepare()
+        resid = torch.sigmoid(-self._outputs)  # |dℓ/dz| at θ*
+        norms = self._features.pow(2).sum(1).to(torch.float64)
+        second = torch.zeros(len(self._order), dtype=torch.float64).index_add_(
+            0, self._row_source, resid * resid * norms
         )
         m = self._reference_membership()
         count = m @ self._counts
-        mean = (m @ first) / count[:, None]
-        mean_sq = (mean * mean).sum(1)
+        mean_sq = ((m @ st.grad) / count[:, None]).pow(2).sum(1)
+        if st.tail_grad is not None:
+            mean_sq = mean_sq + ((m @ st.tail_grad) / count[:, None]).pow(2).sum(1)
         minibatch = mean_sq + ((m @ second) / count - mean_sq).clamp_min(0.0) / key
         kappa = math.sqrt(max(float(minibatch.median()) / reference, 1e-30))
         self._kappa[key] = kappa

@@ -340,6 +340,35 @@ def fidelity_metrics(
     }
 
 
+def budget_metrics(
+    est: Any,
+    subsets: list[tuple[str, ...]],
+    truth: list[float],
+    base: float,
+    other: list[float],
+    *,
+    lr: float,
+    steps: int,
+    optimizer: str,
+    batch_size: int,
+) -> dict[str, Any]:
+    """The ``budget_*`` figures: estimates at the budget λ rule's λ = 1 / (η_eff · steps) of the real fine-tunes (no
+    real result used), step scale 1; the estimator's λ and step scale are restored afterwards."""
+    before = est.l2, est.step_scale
+    lam = est.budget_l2(lr, steps, optimizer, batch_size)
+    est.l2, est.step_scale = lam, 1.0
+    estimates = est.estimate([list(s) for s in subsets]).tolist()
+    est.l2, est.step_scale = before
+    m = fidelity_metrics(estimates, truth, base, other)
+    return {
+        "budget_l2": lam,
+        "budget_spearman": m["spearman"],
+        "budget_mean_relative_error": m["mean_relative_error"],
+        "budget_error_ratio_vs_no_change": m["mean_relative_error"] / m["no_change_mean_relative_error"],
+        "estimates_budget": estimates,
+    }
+
+
 # ---------------------------------------------------------------------- main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -608,21 +637,17 @@ def main() -> None:
         oracle_est = oracle.estimate([list(s) for s in evals]).tolist()
         ce = [truth[budget][s]["token_ce"] for s in evals]
         # the budget rule: λ = 1 / (η_eff · steps) from the fine-tune's learning rate and steps (no real result)
-        budget_keys: dict[str, Any] = {}
-        if hasattr(est, "budget_l2"):
-            b_l2 = est.budget_l2(args.lr, budget_steps[budget], args.optim, batch_size)
-            est.l2 = b_l2
-            budget_est = est.estimate([list(s) for s in evals]).tolist()
-            est.l2 = auto_l2
-            m_b = fidelity_metrics(budget_est, t, base_loss, ce)
-            budget_keys = {
-                "budget_l2": b_l2,
-                "budget_spearman": m_b["spearman"],
-                "budget_mean_relative_error": m_b["mean_relative_error"],
-                "budget_error_ratio_vs_no_change": m_b["mean_relative_error"]
-                / m_b["no_change_mean_relative_error"],
-                "estimates_budget": budget_est,
-            }
+        budget_keys = budget_metrics(
+            est,
+            evals,
+            t,
+            base_loss,
+            ce,
+            lr=args.lr,
+            steps=budget_steps[budget],
+            optimizer=args.optim,
+            batch_size=batch_size,
+        )
         report = est.calibrate(calib_truth, l2_grid=grid)
         calibrated = est.estimate([list(s) for s in evals]).tolist()
         seconds = time.perf_counter() - t0
@@ -716,8 +741,7 @@ def main() -> None:
             "budget_mean_relative_error",
             "budget_error_ratio_vs_no_change",
         ):
-            if key in head:
-                entry[key] = head[key]
+            entry[key] = head[key]
         by_budget[budget] = entry
 
     short = by_budget["short"]
@@ -742,7 +766,6 @@ def main() -> None:
                 "budget_mean_relative_error",
                 "budget_error_ratio_vs_no_change",
             )
-            if k in short
         },
         "linearized_optimizer_spearman": short["linearized_optimizer"]["spearman"],
         "linearized_optimizer_mean_relative_error": short["linearized_optimizer"]["mean_relative_error"],
@@ -809,7 +832,7 @@ def main() -> None:
                 "budget_mean_relative_error",
             )
             ex = {k: round(res["exact"][k], 4) for k in keys[:4]} if "exact" in res else "-"
-            print(budget, d, {k: round(res[k], 4) for k in keys if k in res}, "exact:", ex)
+            print(budget, d, {k: round(res[k], 4) for k in keys}, "exact:", ex)
     for budget, entry in by_budget.items():
         lin = entry["linearized_optimizer"]
         print(

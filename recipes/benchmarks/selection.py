@@ -52,6 +52,7 @@ from fidelity_pretrained import (  # noqa: E402
     finetune,
     make_tasks,
     margins,
+    meta_training_arguments,
 )
 
 
@@ -128,21 +129,7 @@ def main() -> None:
         target_dataset=target_eval,
         tokenizer=tok,
     )
-    meta_args = TrainingArguments(
-        output_dir=work,
-        num_train_epochs=args.meta_epochs,
-        per_device_train_batch_size=args.batch_size,
-        learning_rate=args.lr,
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        logging_steps=50,
-        seed=args.seed,
-        disable_tqdm=True,
-        remove_unused_columns=False,
-    )
+    meta_args = meta_training_arguments(work, args, args.lr, logging_steps=50)
     trainer = Trainer(
         model=build_model(model_path, len(TARGET_CLASSES), args.seed, args.lora_rank),
         args=meta_args,

@@ -19,49 +19,49 @@ _EXPORTS: dict[str, str] = {
     "EstimatorConfig": "config",
     "SelectConfig": "config",
     # sources.py
-    "tag_sources": "sources",
-    "tag_target_eval": "sources",
-    "source_counts": "sources",
-    "SOURCE_COLUMN": "sources",
-    "EXAMPLE_ID_COLUMN": "sources",
-    "BOOKKEEPING_COLUMNS": "sources",
+    "tag_sources": "data.sources",
+    "tag_target_eval": "data.sources",
+    "source_counts": "data.sources",
+    "SOURCE_COLUMN": "data.sources",
+    "EXAMPLE_ID_COLUMN": "data.sources",
+    "BOOKKEEPING_COLUMNS": "data.sources",
     # guard.py
-    "BookkeepingColumnsError": "guard",
-    "SubsetSelectTrainerMixin": "guard",
-    "SubsetSelectTrainer": "guard",
-    "SubsetSelectSFTTrainer": "guard",
-    "check_bookkeeping": "guard",
+    "BookkeepingColumnsError": "data.trainers",
+    "SubsetSelectTrainerMixin": "data.trainers",
+    "SubsetSelectTrainer": "data.trainers",
+    "SubsetSelectSFTTrainer": "data.trainers",
+    "check_bookkeeping": "data.trainers",
     # meta_init.py
-    "MetaInitCallback": "meta_init",
-    "load_meta_init": "meta_init",
-    "MetaInitManifestError": "meta_init",
+    "MetaInitCallback": "collect.meta_init",
+    "load_meta_init": "collect.meta_init",
+    "MetaInitManifestError": "collect.meta_init",
     # outputs.py / projection.py / per_example.py / cache.py / collector.py
-    "token_log_odds_output": "outputs",
-    "sequence_log_odds_output": "outputs",
-    "classification_margin_output": "outputs",
-    "make_projector": "projection",
-    "GradientCache": "cache",
-    "GradientCacheError": "cache",
-    "GradientCollector": "collector",
-    "adam_preconditioner": "precondition",
-    "adam_step_scalars": "precondition",
-    "PreconditionerError": "precondition",
+    "token_log_odds_output": "collect.outputs",
+    "sequence_log_odds_output": "collect.outputs",
+    "classification_margin_output": "collect.outputs",
+    "make_projector": "collect.projection",
+    "GradientCache": "collect.cache",
+    "GradientCacheError": "collect.cache",
+    "GradientCollector": "collect.collector",
+    "adam_preconditioner": "collect.precondition",
+    "adam_step_scalars": "collect.precondition",
+    "PreconditionerError": "collect.precondition",
     # estimate.py / select.py / baselines.py
-    "FirstOrderEstimator": "estimate",
-    "select_sources": "select",
-    "SourceSelection": "select",
-    "gradient_similarity_selection": "baselines",
-    "representation_similarity_selection": "baselines",
-    "random_selection": "baselines",
-    "make_synthetic_cache": "synthetic",
+    "FirstOrderEstimator": "estimate.estimator",
+    "select_sources": "select.selectors",
+    "SourceSelection": "select.selectors",
+    "gradient_similarity_selection": "select.baselines",
+    "representation_similarity_selection": "select.baselines",
+    "random_selection": "select.baselines",
+    "make_synthetic_cache": "demo.synthetic",
     # collator.py
-    "SubsetSelectingDataCollator": "collator",
-    "WeightedLossTrainerMixin": "collator",
-    "WeightedLossTrainer": "collator",
-    "WeightedLossSFTTrainer": "collator",
-    "SourceWeightedSampler": "collator",
-    "example_weights": "collator",
-    "EXAMPLE_WEIGHT_KEY": "collator",
+    "SubsetSelectingDataCollator": "train.collator",
+    "WeightedLossTrainerMixin": "train.collator",
+    "WeightedLossTrainer": "train.collator",
+    "WeightedLossSFTTrainer": "train.collator",
+    "SourceWeightedSampler": "train.collator",
+    "example_weights": "train.collator",
+    "EXAMPLE_WEIGHT_KEY": "train.collator",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -82,13 +82,13 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - static re-exports for type checkers and IDEs
-    from .baselines import (
+    from .select.baselines import (
         gradient_similarity_selection,
         random_selection,
         representation_similarity_selection,
     )
-    from .cache import GradientCache, GradientCacheError
-    from .collator import (
+    from .collect.cache import GradientCache, GradientCacheError
+    from .train.collator import (
         EXAMPLE_WEIGHT_KEY,
         SourceWeightedSampler,
         SubsetSelectingDataCollator,
@@ -97,22 +97,22 @@ if TYPE_CHECKING:  # pragma: no cover - static re-exports for type checkers and 
         WeightedLossTrainerMixin,
         example_weights,
     )
-    from .collector import GradientCollector
+    from .collect.collector import GradientCollector
     from .config import CollectConfig, EstimatorConfig, MetaInitConfig, SelectConfig
-    from .estimate import FirstOrderEstimator
-    from .guard import (
+    from .estimate.estimator import FirstOrderEstimator
+    from .data.trainers import (
         BookkeepingColumnsError,
         SubsetSelectSFTTrainer,
         SubsetSelectTrainer,
         SubsetSelectTrainerMixin,
         check_bookkeeping,
     )
-    from .meta_init import MetaInitCallback, MetaInitManifestError, load_meta_init
-    from .outputs import classification_margin_output, sequence_log_odds_output, token_log_odds_output
-    from .precondition import PreconditionerError, adam_preconditioner, adam_step_scalars
-    from .projection import make_projector
-    from .select import SourceSelection, select_sources
-    from .sources import (
+    from .collect.meta_init import MetaInitCallback, MetaInitManifestError, load_meta_init
+    from .collect.outputs import classification_margin_output, sequence_log_odds_output, token_log_odds_output
+    from .collect.precondition import PreconditionerError, adam_preconditioner, adam_step_scalars
+    from .collect.projection import make_projector
+    from .select.selectors import SourceSelection, select_sources
+    from .data.sources import (
         BOOKKEEPING_COLUMNS,
         EXAMPLE_ID_COLUMN,
         SOURCE_COLUMN,
@@ -120,4 +120,4 @@ if TYPE_CHECKING:  # pragma: no cover - static re-exports for type checkers and 
         tag_sources,
         tag_target_eval,
     )
-    from .synthetic import make_synthetic_cache
+    from .demo.synthetic import make_synthetic_cache

@@ -85,7 +85,7 @@ class CacheArguments:
 
 
 def _load_cache(path: str) -> Any:
-    from .cache import GradientCache
+    from .collect.cache import GradientCache
 
     return GradientCache.load(path)
 
@@ -101,7 +101,7 @@ def _estimator_args() -> type:
 
 def _estimator(cache: Any, parsed: Any) -> Any:
     from .config import EstimatorConfig
-    from .estimate import FirstOrderEstimator
+    from .estimate.estimator import FirstOrderEstimator
 
     return FirstOrderEstimator(cache, unprefixed(parsed, EstimatorConfig, ESTIMATOR_PREFIX))
 
@@ -168,7 +168,7 @@ class SelectArguments:
 def cmd_select(argv: Sequence[str]) -> None:
     """Score every source from the gradient cache and write selection.json."""
     from .config import SelectConfig
-    from .select import select_sources
+    from .select.selectors import select_sources
 
     cache_args, sel_args, select_config, est = parse_dataclasses(
         [CacheArguments, SelectArguments, SelectConfig, _estimator_args()],
@@ -201,7 +201,7 @@ def cmd_report(argv: Sequence[str]) -> None:
     import json
 
     from .report import markdown_table, plot_source_scores, write_markdown
-    from .select import SourceSelection
+    from .select.selectors import SourceSelection
 
     cache_args, rep = parse_dataclasses(
         [CacheArguments, ReportArguments], argv, "hf-subset-select report", cmd_report.__doc__
@@ -274,6 +274,13 @@ class CollectArguments:
     target_eval_name: str = field(
         default="target_eval", metadata={"help": "Source name given to the target split."}
     )
+    target_source: str | None = field(
+        default=None,
+        metadata={
+            "help": "The NAME among --train_files that is the target task's own training split (default: the "
+            "meta-init manifest's target)."
+        },
+    )
 
     def __post_init__(self) -> None:
         if not self.meta_init:
@@ -284,10 +291,10 @@ class CollectArguments:
 
 def cmd_collect(argv: Sequence[str]) -> None:
     """Collect per-example projected gradients at θ* (a meta-init directory) into a gradient cache."""
-    from .collector import GradientCollector
+    from .collect.collector import GradientCollector
     from .config import CollectConfig
-    from .meta_init import load_meta_init, read_meta_init_manifest
-    from .sources import load_dataset_file, parse_source_specs, tag_sources, tag_target_eval
+    from .collect.meta_init import load_meta_init, read_meta_init_manifest
+    from .data.sources import load_dataset_file, parse_source_specs, tag_sources, tag_target_eval
 
     args, config = parse_dataclasses(
         [CollectArguments, CollectConfig], argv, "hf-subset-select collect", cmd_collect.__doc__
@@ -296,7 +303,7 @@ def cmd_collect(argv: Sequence[str]) -> None:
         raise CLIError("--output_dir is required: where the gradient cache goes.")
     manifest = read_meta_init_manifest(args.meta_init)
     sources = parse_source_specs(args.train_files)
-    target = config.target_source or manifest.get("target_source")
+    target = args.target_source or manifest.get("target_source")
     if target is not None and target not in sources:
         raise CLIError(f"target_source {target!r} is not among --train_files {sorted(sources)}.")
     train = tag_sources(sources, target=target)
@@ -347,7 +354,7 @@ class DemoArguments:
 
 def cmd_demo(argv: Sequence[str]) -> None:
     """Run the whole pipeline on built-in toy sources (offline, CPU) and write a report."""
-    from .demo import DemoConfig, run_demo
+    from .demo.run import DemoConfig, run_demo
 
     (args,) = parse_dataclasses([DemoArguments], argv, "hf-subset-select demo", cmd_demo.__doc__)
     run_demo(DemoConfig(output_dir=args.output_dir, scale=args.scale, seed=args.seed))

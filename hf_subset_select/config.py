@@ -1,8 +1,16 @@
 """Configuration dataclasses, in the style of PEFT's configs.
 
-Every field carries ``metadata={"help": ...}`` so the classes work with
-``transformers.HfArgumentParser`` (flags, JSON or YAML), validation happens in ``__post_init__``
-with errors that say how to fix the value, and every config saves to and loads from JSON.
+Every field carries ``metadata={"help": ...}`` so the classes work with ``transformers.HfArgumentParser``
+(flags, JSON or YAML); a field with a fixed set of values is typed ``Literal[...]`` and lists them in
+``metadata["choices"]``. Validation happens in ``__post_init__`` with errors that say how to fix the value.
+
+Fields come in two kinds. Result fields define what a run computes (the projection, the output function, the
+λ rule, ...): they are saved into manifests and fingerprints. Runtime fields (named in the class's
+``runtime_fields``: batch sizes, chunk sizes, thread counts, output paths) change how fast or where a run
+goes, never what it computes: :meth:`ConfigMixin.result_dict` leaves them out, so changing one never
+invalidates a cache.
+Every config saves to and loads from JSON; loading warns about and drops keys it does not know (a file from a
+newer or older version still loads).
 """
 
 from __future__ import annotations
@@ -11,7 +19,8 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+import warnings
+from typing import Any, Literal, TypeVar
 
 from .io_utils import atomic_write_text
 
@@ -24,10 +33,23 @@ class ConfigMixin:
     """JSON (de)serialization shared by all configs."""
 
     config_type: str = "config"
+    # fields that change how fast or where a run goes, never what it computes (left out of manifests)
+    runtime_fields: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-serializable dict of the fields."""
+        """Return a JSON-serializable dict of every field (result and runtime)."""
         return dataclasses.asdict(self)  # type: ignore[arg-type]
+
+    def result_dict(self) -> dict[str, Any]:
+        """The fields that define a run's result (runtime fields left out): what manifests record."""
+        return {k: v for k, v in self.to_dict().items() if k not in self.runtime_fields}
+
+    def _check_choices(self) -> None:
+        """Raise a ValueError naming the valid values for every ``Literal`` field whose value is not one of them."""
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            choices = f.metadata.get("choices")
+            if choices is not None:
+                _check_choice(f.name, getattr(self, f.name), tuple(choices))
 
     def to_json_string(self) -> str:
         return json.dumps({"config_type": self.config_type, **self.to_dict()}, indent=2, sort_keys=True)
@@ -51,11 +73,13 @@ class ConfigMixin:
         names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ValueError(
-                f"Unknown field(s) {unknown} for {cls.__name__}; known fields: {sorted(names)}. "
-                "Remove them or upgrade hf-subset-select."
+            warnings.warn(
+                f"{cls.__name__}: ignoring unknown field(s) {unknown} (written by another version of "
+                f"hf-subset-select?); known fields: {sorted(names)}.",
+                UserWarning,
+                stacklevel=2,
             )
-        return cls(**data)  # type: ignore[call-arg]
+        return cls(**{k: v for k, v in data.items() if k in names})  # type: ignore[call-arg]
 
     @classmethod
     def load(cls: type[T], path: str | os.PathLike) -> T:
@@ -73,6 +97,16 @@ class ConfigMixin:
                     f"{path!r} is not valid JSON ({exc}); re-create it with {cls.__name__}.save()."
                 ) from exc
         return cls.from_dict(data)
+
+
+def _choice(default: str, choices: tuple[str, ...], help: str) -> Any:
+    """A ``Literal`` field: its valid values in the metadata (HfArgumentParser and the docs read them)."""
+    return field(default=default, metadata={"help": help, "choices": list(choices)})
+
+
+def _runtime(help: str, **kwargs: Any) -> Any:
+    """A runtime field (list it in the class's ``runtime_fields`` too): its help says it is not saved."""
+    return field(metadata={"help": help + " Runtime setting: not saved into manifests."}, **kwargs)
 
 
 def _check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
@@ -125,6 +159,7 @@ class CollectConfig(ConfigMixin):
     """How :class:`~hf_subset_select.GradientCollector` computes and stores per-example projected gradients."""
 
     config_type = "collect_config"
+    runtime_fields = ("proj_chunk_size", "batch_size", "grad_method", "proj_cache_mb", "output_dir", "overwrite")
 
     proj_dim: int = field(
         default=2048,
@@ -133,12 +168,11 @@ class CollectConfig(ConfigMixin):
             "thousands; with proj_type='auto' and fewer trainable parameters than d no projection is used."
         },
     )
-    proj_type: str = field(
-        default="auto",
-        metadata={
-            "help": "'auto' (identity when the trainable parameter count <= proj_dim, else 'sparse'), "
-            "'rademacher', 'gaussian', 'sparse' (sparse JL / CountSketch, O(p) per example) or 'identity'."
-        },
+    proj_type: Literal["auto", "rademacher", "gaussian", "sparse", "identity"] = _choice(
+        "auto",
+        ("auto", "rademacher", "gaussian", "sparse", "identity"),
+        "'auto' (identity when the trainable parameter count <= proj_dim, else 'sparse'), "
+        "'rademacher', 'gaussian', 'sparse' (sparse JL / CountSketch, O(p) per example) or 'identity'.",
     )
     seed: int = field(
         default=0, metadata={"help": "Seed of the projection map (same seed -> same map anywhere)."}
@@ -146,39 +180,37 @@ class CollectConfig(ConfigMixin):
     sparse_nnz: int = field(
         default=4, metadata={"help": "Non-zeros per input coordinate of the sparse map (1 = CountSketch)."}
     )
-    proj_chunk_size: int = field(
-        default=65536,
-        metadata={"help": "Parameters projected per chunk (bounds the projector's extra memory)."},
+    proj_chunk_size: int = _runtime(
+        "Parameters projected per chunk (bounds the projector's extra memory).", default=65536
     )
-    batch_size: int = field(default=16, metadata={"help": "Examples per batched per-example-gradient call."})
+    batch_size: int = _runtime("Examples per batched per-example-gradient call.", default=16)
     max_length: int = field(default=512, metadata={"help": "Token sequences are truncated to this length."})
-    output_fn: str = field(
-        default="auto",
-        metadata={
-            "help": "'auto' ('sequence_log_odds' for language models, 'classification_margin' for sequence "
-            "classifiers), 'sequence_log_odds' (causal / seq2seq LM: log-odds of the geometric-mean gold-token "
-            "probability, whose logistic loss is the example's mean token cross entropy), 'token_log_odds' (LM: "
-            "mean of the gold tokens' log-odds, the paper's output; the same for one supervised token) or "
-            "'classification_margin'."
-        },
+    output_fn: Literal["auto", "token_log_odds", "sequence_log_odds", "classification_margin"] = _choice(
+        "auto",
+        ("auto", "token_log_odds", "sequence_log_odds", "classification_margin"),
+        "'auto' ('sequence_log_odds' for language models, 'classification_margin' for sequence "
+        "classifiers), 'sequence_log_odds' (causal / seq2seq LM: log-odds of the geometric-mean gold-token "
+        "probability, whose logistic loss is the example's mean token cross entropy), 'token_log_odds' (LM: "
+        "mean of the gold tokens' log-odds, the paper's output; the same for one supervised token) or "
+        "'classification_margin'.",
     )
     prob_clamp: float = field(
         default=1e-6, metadata={"help": "p is clamped to [eps, 1-eps] before the log-odds log(p/(1-p))."}
     )
-    grad_method: str = field(
+    grad_method: Literal["auto", "hooks", "vmap", "loop"] = field(
         default="auto",
         metadata={
-            "help": "'auto' (closed-form layer hooks when every trainable parameter sits in a Linear, GPT-2 Conv1D, "
-            "Embedding, LayerNorm or RMSNorm, checked once against torch.func; else torch.func vmap; falling back "
-            "to a per-example loop with a warning), 'hooks', 'vmap' or 'loop'."
+            "help": "How per-example gradients are taken (all give the same numbers; only speed differs): 'auto' "
+            "(closed-form layer hooks when every trainable parameter sits in a Linear, GPT-2 Conv1D, Embedding, "
+            "LayerNorm or RMSNorm, checked once against torch.func; else torch.func vmap; falling back to a "
+            "per-example loop with a warning), 'hooks', 'vmap' or 'loop'.",
+            "choices": ["auto", "hooks", "vmap", "loop"],
         },
     )
-    proj_cache_mb: float = field(
+    proj_cache_mb: float = _runtime(
+        "MiB of generated projection chunks kept for reuse across batches (0: regenerate each batch). "
+        "Bounds the projector's extra memory independently of the trainable parameter count.",
         default=256.0,
-        metadata={
-            "help": "MiB of generated projection chunks kept for reuse across batches (0: regenerate each batch). "
-            "Bounds the projector's extra memory independently of the trainable parameter count."
-        },
     )
     representations: bool = field(
         default=True,
@@ -186,49 +218,36 @@ class CollectConfig(ConfigMixin):
             "help": "Also store each example's mean last hidden state (for the representation-similarity baseline)."
         },
     )
-    precondition: str = field(
-        default="none",
-        metadata={
-            "help": "Scale per-example gradients by Adam's feature scale (sqrt(v_hat) + eps)^(-1/2) of the "
-            "meta-training optimizer before projecting, so the estimate works in AdamW's geometry "
-            "(docs/method.md, 'Adam geometry'). 'auto': Adam's when the collector runs as a Trainer callback "
-            "whose optimizer has Adam state (or collect() gets optimizer=/preconditioner=), else raw gradients; "
-            "'adam': required (error if unavailable); 'none' (default): raw gradients. Opt-in: it raised the "
-            "fidelity benchmark's Spearman but broke the demo's selection (docs/method.md)."
-        },
+    precondition: Literal["none", "auto", "adam"] = _choice(
+        "none",
+        ("none", "auto", "adam"),
+        "Scale per-example gradients by Adam's feature scale (sqrt(v_hat) + eps)^(-1/2) of the "
+        "meta-training optimizer before projecting, so the estimate works in AdamW's geometry "
+        "(docs/method.md, 'Adam geometry'). 'none' (default): raw gradients. 'auto': Adam's when the collector "
+        "runs as a Trainer callback whose optimizer has Adam state (or collect() gets optimizer= / "
+        "preconditioner=), else raw gradients; 'adam': required (error if unavailable). Use it when the target "
+        "fine-tune runs AdamW at a small learning rate and you check the estimates against real fine-tunes; "
+        "docs/method.md compares both geometries.",
     )
     shard_size: int = field(default=1024, metadata={"help": "Examples per on-disk shard (unit of resume)."})
-    output_dir: str | None = field(
-        default=None,
-        metadata={"help": "Cache directory. Default: <TrainingArguments.output_dir>/grad_cache."},
+    output_dir: str | None = _runtime(
+        "Cache directory. Default: <TrainingArguments.output_dir>/grad_cache.", default=None
     )
-    overwrite: bool = field(
-        default=False,
-        metadata={"help": "Replace an existing cache whose manifest differs instead of refusing."},
-    )
-    target_source: str | None = field(
-        default=None,
-        metadata={"help": "Name of the source that is the target task's own training split, if any."},
+    overwrite: bool = _runtime(
+        "Replace an existing cache whose manifest differs instead of refusing.", default=False
     )
 
     def __post_init__(self) -> None:
+        self._check_choices()
         _check_positive("proj_dim", self.proj_dim)
-        _check_choice("proj_type", self.proj_type, ("auto", "rademacher", "gaussian", "sparse", "identity"))
         _check_positive("sparse_nnz", self.sparse_nnz)
         if self.proj_type == "sparse" and self.sparse_nnz > self.proj_dim:
             raise ValueError(f"sparse_nnz={self.sparse_nnz} cannot exceed proj_dim={self.proj_dim}.")
         _check_positive("proj_chunk_size", self.proj_chunk_size)
         _check_positive("batch_size", self.batch_size)
         _check_positive("max_length", self.max_length)
-        _check_choice(
-            "output_fn",
-            self.output_fn,
-            ("auto", "token_log_odds", "sequence_log_odds", "classification_margin"),
-        )
         if not 0.0 < self.prob_clamp < 0.5:
             raise ValueError(f"prob_clamp must lie in (0, 0.5), got {self.prob_clamp!r}.")
-        _check_choice("grad_method", self.grad_method, ("auto", "hooks", "vmap", "loop"))
-        _check_choice("precondition", self.precondition, ("auto", "adam", "none"))
         _check_positive("shard_size", self.shard_size)
         _check_positive("proj_cache_mb", self.proj_cache_mb, allow_zero=True)
 
@@ -241,6 +260,7 @@ class EstimatorConfig(ConfigMixin):
     """
 
     config_type = "estimator_config"
+    runtime_fields = ("chunk_size", "num_threads")
 
     l2: float | None = field(
         default=None,
@@ -265,14 +285,13 @@ class EstimatorConfig(ConfigMixin):
             "the steps of the same number of epochs over all training rows (a subset takes its share)."
         },
     )
-    finetune_optimizer: str = field(
-        default="adamw",
-        metadata={
-            "help": "Optimizer of that fine-tune, for the budget rule: 'adamw' (step size η_eff = η / κ in a cache "
-            "collected in Adam geometry, η / (D̄ κ) for raw gradients, with D̄ from the cache manifest's adam_scalars "
-            "and the noise scale κ from the cache and finetune_batch_size) or 'sgd' (η_eff = η; raw-gradient caches "
-            "only)."
-        },
+    finetune_optimizer: Literal["adamw", "sgd"] = _choice(
+        "adamw",
+        ("adamw", "sgd"),
+        "Optimizer of that fine-tune, for the budget rule: 'adamw' (step size η_eff = η / κ in a cache "
+        "collected in Adam geometry, η / (D̄ κ) for raw gradients, with D̄ from the cache manifest's adam_scalars "
+        "and the noise scale κ from the cache and finetune_batch_size) or 'sgd' (η_eff = η; raw-gradient caches "
+        "only).",
     )
     finetune_batch_size: int | None = field(
         default=None,
@@ -294,20 +313,18 @@ class EstimatorConfig(ConfigMixin):
             "help": "Multiplies the fitted step ŵ before the target loss is evaluated (set by calibrate())."
         },
     )
-    solver: str = field(
-        default="fast",
-        metadata={
-            "help": "'fast' (second-order model from per-source sufficient statistics; cost per subset "
-            "independent of the number of examples) or 'exact' (batched Newton-CG on all examples)."
-        },
+    solver: Literal["fast", "exact"] = _choice(
+        "fast",
+        ("fast", "exact"),
+        "'fast' (second-order model from per-source sufficient statistics; cost per subset "
+        "independent of the number of examples) or 'exact' (batched Newton-CG on all examples).",
     )
-    reduction: str = field(
-        default="mean",
-        metadata={
-            "help": "'mean': the training loss of a subset is averaged over its examples (a fixed number "
-            "of fine-tuning steps per subset); 'sum': summed (a fixed number of epochs; bigger subsets "
-            "move further)."
-        },
+    reduction: Literal["mean", "sum"] = _choice(
+        "mean",
+        ("mean", "sum"),
+        "'mean': the training loss of a subset is averaged over its examples (a fixed number "
+        "of fine-tuning steps per subset); 'sum': summed (a fixed number of epochs; bigger subsets "
+        "move further).",
     )
     include_target_train: bool = field(
         default=True,
@@ -323,23 +340,18 @@ class EstimatorConfig(ConfigMixin):
             "reduction off."
         },
     )
-    chunk_size: int = field(
-        default=64, metadata={"help": "Subsets solved together in one batched call (fast path)."}
-    )
-    num_threads: int | None = field(
+    chunk_size: int = _runtime("Subsets solved together in one batched call (fast path).", default=64)
+    num_threads: int | None = _runtime(
+        "Fast path: chunks are solved in this many Python threads, each running single-threaded "
+        "kernels (torch's thread count is set to 1 during the call and restored). None: "
+        "torch.get_num_threads().",
         default=None,
-        metadata={
-            "help": "Fast path: chunks are solved in this many Python threads, each running single-threaded "
-            "kernels (torch's thread count is set to 1 during the call and restored). None: "
-            "torch.get_num_threads()."
-        },
     )
-    fast_dtype: str = field(
-        default="float32",
-        metadata={
-            "help": "Precision of the fast path ('float32' is about twice as fast; a subset whose matrix "
-            "is not positive definite in float32 is redone in float64). The exact solver is always float64."
-        },
+    fast_dtype: Literal["float32", "float64"] = _choice(
+        "float32",
+        ("float32", "float64"),
+        "Precision of the fast path ('float32' is about twice as fast; a subset whose matrix "
+        "is not positive definite in float32 is redone in float64). The exact solver is always float64.",
     )
     max_iter: int = field(default=50, metadata={"help": "Maximum Newton iterations of the exact solver."})
     tol: float = field(
@@ -353,6 +365,7 @@ class EstimatorConfig(ConfigMixin):
     )
 
     def __post_init__(self) -> None:
+        self._check_choices()
         _check_positive("l2", self.l2, allow_none=True)
         _check_positive("finetune_lr", self.finetune_lr, allow_none=True)
         _check_positive("finetune_steps", self.finetune_steps, allow_none=True)
@@ -362,15 +375,11 @@ class EstimatorConfig(ConfigMixin):
                 f"and optimizer steps); got finetune_lr={self.finetune_lr!r}, finetune_steps={self.finetune_steps!r}. "
                 "Set both, or neither for the trust-radius rule."
             )
-        _check_choice("finetune_optimizer", self.finetune_optimizer, ("adamw", "sgd"))
         _check_positive("finetune_batch_size", self.finetune_batch_size, allow_none=True)
         _check_positive("trust_radius", self.trust_radius)
         _check_positive("step_scale", self.step_scale, allow_zero=True)
-        _check_choice("solver", self.solver, ("fast", "exact"))
-        _check_choice("reduction", self.reduction, ("mean", "sum"))
         _check_positive("reduce_dim", self.reduce_dim, allow_none=True)
         _check_positive("chunk_size", self.chunk_size)
-        _check_choice("fast_dtype", self.fast_dtype, ("float32", "float64"))
         _check_positive("num_threads", self.num_threads, allow_none=True)
         _check_positive("max_iter", self.max_iter)
         _check_positive("tol", self.tol)
@@ -485,8 +494,12 @@ class SelectConfig(ConfigMixin):
 
     config_type = "select_config"
 
-    method: str = field(
-        default="random_ensemble", metadata={"help": "'random_ensemble', 'linear' or 'forward'."}
+    method: Literal["random_ensemble", "linear", "forward"] = _choice(
+        "random_ensemble",
+        ("random_ensemble", "linear", "forward"),
+        "'random_ensemble' (score = mean estimated loss of the random subsets that hold the source), 'linear' "
+        "(coefficients of a linear fit of the estimates on subset membership) or 'forward' (greedy forward "
+        "selection on the estimates).",
     )
     num_subsets: int = field(
         default=2000, metadata={"help": "Random subsets to estimate (ensemble / linear)."}
@@ -512,7 +525,7 @@ class SelectConfig(ConfigMixin):
     )
 
     def __post_init__(self) -> None:
-        _check_choice("method", self.method, ("random_ensemble", "linear", "forward"))
+        self._check_choices()
         _check_positive("num_subsets", self.num_subsets)
         if not 0.0 < self.subset_ratio < 1.0:
             raise ValueError(f"subset_ratio must lie in (0, 1), got {self.subset_ratio!r}.")

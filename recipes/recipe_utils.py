@@ -12,7 +12,7 @@ from typing import Any
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from hf_subset_select.sources import load_dataset_file  # noqa: E402
+from hf_subset_select.data.sources import load_dataset_file  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------------------
 # arguments
@@ -109,7 +109,7 @@ def parse(dataclass_types: list[type], description: str) -> tuple[Any, ...]:
 def load_sources(data: DataArguments) -> tuple[Any, Any, str]:
     """Return (tagged training sources, tagged target evaluation split, target source name)."""
     from hf_subset_select import tag_sources, tag_target_eval
-    from hf_subset_select.toy import toy_text_dataset
+    from hf_subset_select.demo.toy import toy_text_dataset
 
     if data.train_files:
         raw = {}
@@ -145,7 +145,7 @@ def target_eval_name(target: str) -> str:
 
 def load_tokenizer_and_model(model_args: Any, toy: ToyModelArguments) -> tuple[Any, Any]:
     """The base model (tiny toy model unless ``model_name_or_path``), wrapped in LoRA if ``use_peft``."""
-    from hf_subset_select.toy import make_tiny_causal_lm, make_tokenizer
+    from hf_subset_select.demo.toy import make_tiny_causal_lm, make_tokenizer
 
     name = model_args.model_name_or_path
     if not name:

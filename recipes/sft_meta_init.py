@@ -85,7 +85,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             **{
                 **collect_config.to_dict(),
                 "output_dir": collect_config.output_dir or os.path.join(sft_args.output_dir, "grad_cache"),
-                "target_source": collect_config.target_source or target,
                 "max_length": min(
                     collect_config.max_length, sft_args.max_length or collect_config.max_length
                 ),

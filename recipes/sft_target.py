@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from trl import ModelConfig, SFTConfig
 
     from hf_subset_select import source_counts
-    from hf_subset_select.collator import SubsetSelectingDataCollator, WeightedLossSFTTrainer
+    from hf_subset_select.train.collator import SubsetSelectingDataCollator, WeightedLossSFTTrainer
 
     if argv is not None:
         sys.argv[1:] = argv

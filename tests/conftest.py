@@ -24,7 +24,7 @@ def _deterministic():
 
 @pytest.fixture
 def tokenizer():
-    from hf_subset_select.toy import make_tokenizer
+    from hf_subset_select.demo.toy import make_tokenizer
 
     return make_tokenizer()
 
@@ -33,7 +33,7 @@ def tokenizer():
 def toy_sources():
     """Three small prompt/completion sources and a target eval split, tagged."""
     from hf_subset_select import tag_sources, tag_target_eval
-    from hf_subset_select.toy import toy_text_dataset
+    from hf_subset_select.demo.toy import toy_text_dataset
 
     train = tag_sources(
         {

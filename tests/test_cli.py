@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from hf_subset_select.cli import COMMANDS, main
-from hf_subset_select.synthetic import make_synthetic_cache
+from hf_subset_select.demo.synthetic import make_synthetic_cache
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +124,8 @@ def test_bad_input_is_one_line_and_exit_2(cache_dir, tmp_path, capsys):
 
 def test_collect_from_a_meta_init_dir_and_files(tmp_path, tokenizer, capsys):
     from hf_subset_select import GradientCache
-    from hf_subset_select.meta_init import save_meta_init
-    from hf_subset_select.toy import make_tiny_causal_lm, toy_text_dataset
+    from hf_subset_select.collect.meta_init import save_meta_init
+    from hf_subset_select.demo.toy import make_tiny_causal_lm, toy_text_dataset
 
     theta = tmp_path / "meta_init"
     save_meta_init(make_tiny_causal_lm("gpt2", hidden=16, layers=1), str(theta), sources={"add": 6, "rev": 5})

@@ -194,8 +194,8 @@ import os, sys
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from hf_subset_select import CollectConfig, GradientCollector, tag_sources, tag_target_eval
-from hf_subset_select.per_example import ShardedParametersError
-from hf_subset_select.toy import make_tiny_causal_lm, make_tokenizer, toy_text_dataset
+from hf_subset_select.collect.per_example import ShardedParametersError
+from hf_subset_select.demo.toy import make_tiny_causal_lm, make_tokenizer, toy_text_dataset
 
 dist.init_process_group("gloo")
 assert dist.get_world_size() == 2

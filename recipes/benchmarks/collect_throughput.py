@@ -52,7 +52,7 @@ def _load() -> list[float]:
 
 
 def _model(kind: str, lora: bool, hidden: int, layers: int):
-    from hf_subset_select.toy import add_lora, make_tiny_causal_lm
+    from hf_subset_select.demo.toy import add_lora, make_tiny_causal_lm
 
     model = make_tiny_causal_lm(kind, hidden=hidden, layers=layers, heads=4, max_positions=SEQ + 8, seed=0)
     if lora:
@@ -127,7 +127,7 @@ def _collect_rate(model, train, target, proj_dim: int) -> tuple[float, dict]:
 
 def _reference_rate(model, train, proj_dim: int, limit: int) -> float:
     """Paper-style: per-example autograd.grad and a dense p x d projection matrix in memory."""
-    from hf_subset_select.outputs import token_log_odds_output
+    from hf_subset_select.collect.outputs import token_log_odds_output
 
     params = [p for p in model.parameters() if p.requires_grad]
     p_total = sum(p.numel() for p in params)
@@ -149,7 +149,7 @@ def _reference_rate(model, train, proj_dim: int, limit: int) -> float:
 _MEM_CHILD = r"""
 import json, sys, time, torch
 torch.set_num_threads(int(sys.argv[4]))
-from hf_subset_select.projection import make_projector
+from hf_subset_select.collect.projection import make_projector
 kind, p, d = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 batch = int(sys.argv[5])
 proj = make_projector(kind, d, 0, {"w": (p,)})
@@ -205,7 +205,7 @@ def main() -> None:
     steps, warmup = (4, 1) if args.quick else (8, 2)
     n_examples = BATCH * (4 if args.quick else 8)
     ref_limit = 16 if args.quick else 48
-    from hf_subset_select.toy import TOY_VOCAB
+    from hf_subset_select.demo.toy import TOY_VOCAB
 
     train, target = _data(n_examples, len(TOY_VOCAB))
     load_start = _load()

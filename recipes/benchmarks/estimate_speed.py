@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from hf_subset_select import FirstOrderEstimator
-from hf_subset_select.synthetic import make_synthetic_cache
+from hf_subset_select.demo.synthetic import make_synthetic_cache
 
 
 def _load() -> list[float]:

@@ -206,7 +206,7 @@ def make_single_token_tasks(
 
 # ---------------------------------------------------------------------- model helpers
 def encode_rows(dataset: Any, tokenizer: Any, max_length: int = 16) -> list[dict[str, Any]]:
-    from hf_subset_select.encode import encode_example
+    from hf_subset_select.data.encode import encode_example
 
     out = []
     for i in range(len(dataset)):
@@ -222,8 +222,8 @@ def target_metrics(
     model: Any, encoded: list[dict[str, Any]], prob_clamp: float = 1e-6, output_fn: str = "sequence_log_odds"
 ) -> dict[str, Any]:
     """Per-example outputs f_j (the collector's output function) and token cross entropy at ``model``."""
-    from hf_subset_select.outputs import resolve_output_fn
-    from hf_subset_select.per_example import collate_examples
+    from hf_subset_select.collect.outputs import resolve_output_fn
+    from hf_subset_select.collect.per_example import collate_examples
 
     spec = resolve_output_fn(model, output_fn, prob_clamp=prob_clamp)
     batch = collate_examples(encoded, "causal_lm", 0)
@@ -254,7 +254,7 @@ def finetune(
     optim: str = "adamw",
 ) -> None:
     """Fine-tune in place from θ* (loaded first) with AdamW or SGD: data order from the seed, no dropout."""
-    from hf_subset_select.per_example import collate_examples
+    from hf_subset_select.collect.per_example import collate_examples
 
     model.load_state_dict(theta)
     model.train()
@@ -425,8 +425,8 @@ def main() -> None:
         GradientCollector,
         MetaInitCallback,
     )
-    from hf_subset_select.projection import make_projector
-    from hf_subset_select.toy import make_tiny_causal_lm, make_tokenizer
+    from hf_subset_select.collect.projection import make_projector
+    from hf_subset_select.demo.toy import make_tiny_causal_lm, make_tokenizer
 
     t_start = time.perf_counter()
     per_source = 40 if args.quick else 80
@@ -846,7 +846,7 @@ def main() -> None:
 
 
 def encode_rows_single(example: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
-    from hf_subset_select.encode import encode_example
+    from hf_subset_select.data.encode import encode_example
 
     enc = encode_example(example, tokenizer, 16)
     return {

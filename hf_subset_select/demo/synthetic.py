@@ -1,0 +1,157 @@
+"""Synthetic gradient caches with a known answer, for tests and benchmarks.
+
+Every source's gradients share a mean direction: along the target's direction ``u`` ("aligned",
+fine-tuning on it lowers the target loss), against it ("opposed", raises it), or orthogonal to it
+("orthogonal", no first-order effect). Around that mean, gradients scatter with a decaying spectrum
+(a few strong directions and an isotropic floor), which is roughly what projected LLM gradients look
+like. Outputs ``f`` are log-odds around 1 (the meta-initialization already fits the data somewhat).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..collect.cache import SPLIT_TARGET, SPLIT_TRAIN, GradientCache
+
+__all__ = ["make_synthetic_cache", "ROLES"]
+
+ROLES = ("aligned", "opposed", "orthogonal")
+
+
+def make_synthetic_cache(
+    num_aligned: int = 2,
+    num_opposed: int = 2,
+    num_orthogonal: int = 2,
+    *,
+    dim: int = 32,
+    examples_per_source: int | Sequence[int] = 64,
+    target_examples: int = 64,
+    target_train_examples: int = 32,
+    strength: float = 1.0,
+    noise: float = 1.0,
+    num_strong_directions: int = 16,
+    spectrum_decay: float = 1.0,
+    shared: float = 0.0,
+    representation_dim: int | None = 16,
+    output_mean: float = 1.0,
+    output_std: float = 0.5,
+    seed: int = 0,
+) -> GradientCache:
+    """Build a :class:`~hf_subset_select.GradientCache` with aligned, opposed and orthogonal sources.
+
+    Args:
+        num_aligned / num_opposed / num_orthogonal: how many sources of each role. They are named
+            ``aligned_0``, ``opposed_0``, ``orthogonal_0``, ... in that order.
+        dim: gradient dimension d.
+        examples_per_source: training rows per source (one int, or one per source in name order).
+        target_examples: rows of the target evaluation split (source ``target_eval``).
+        target_train_examples: rows of the target's own training source ``target_train`` (0: none, and
+            the cache has no ``target_source``).
+        strength: length of a source's mean gradient along (or against, or orthogonal to) the target.
+        noise: RMS length of the per-example scatter around the source mean.
+        num_strong_directions: the scatter has this many strong directions, with variances decaying as
+            ``k ** -spectrum_decay``, on top of an isotropic floor holding 20% of the scatter's energy.
+        shared: a component along one common direction added to every row (train and target), like the
+            "be more confident about everything" direction of real gradients.
+        representation_dim: width of the synthetic representations (None: the cache has none).
+        output_mean / output_std: distribution of the outputs f (log-odds).
+        seed: everything is drawn from this seed.
+
+    Returns:
+        The cache; ``cache.manifest["roles"]`` maps each source to its role.
+    """
+    for name, value in (("num_aligned", num_aligned), ("num_opposed", num_opposed)):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}.")
+    if num_orthogonal < 0:
+        raise ValueError(f"num_orthogonal must be >= 0, got {num_orthogonal}.")
+    if dim < 3:
+        raise ValueError(f"dim must be >= 3 (target, shared and orthogonal directions), got {dim}.")
+    names = (
+        [f"aligned_{i}" for i in range(num_aligned)]
+        + [f"opposed_{i}" for i in range(num_opposed)]
+        + [f"orthogonal_{i}" for i in range(num_orthogonal)]
+    )
+    roles = {n: n.rsplit("_", 1)[0] for n in names}
+    if isinstance(examples_per_source, int):
+        sizes = [examples_per_source] * len(names)
+    else:
+        sizes = [int(s) for s in examples_per_source]
+        if len(sizes) != len(names):
+            raise ValueError(f"examples_per_source has {len(sizes)} entries for {len(names)} sources.")
+    if target_train_examples > 0:
+        names.append("target_train")
+        roles["target_train"] = "aligned"
+        sizes.append(target_train_examples)
+    if not names:
+        raise ValueError("The synthetic cache needs at least one training source.")
+    if target_examples <= 0:
+        raise ValueError("target_examples must be > 0.")
+
+    gen = torch.Generator().manual_seed(seed)
+    # orthonormal directions: u (target), c (shared), then the scatter's strong directions, then
+    # per-source orthogonal directions drawn in the complement of u
+    k = max(1, min(num_strong_directions, dim - 2))
+    basis, _ = torch.linalg.qr(torch.randn(dim, k + 2, generator=gen, dtype=torch.float64))
+    u, common, strong = basis[:, 0], basis[:, 1], basis[:, 2:].T  # strong: (k, dim)
+    spectrum = torch.arange(1, k + 1, dtype=torch.float64) ** (-spectrum_decay)
+    spectrum = spectrum / spectrum.sum()
+
+    def scatter(n: int) -> torch.Tensor:
+        z_strong = torch.randn(n, k, generator=gen, dtype=torch.float64) * torch.sqrt(0.8 * spectrum)
+        z_iso = torch.randn(n, dim, generator=gen, dtype=torch.float64) * (0.2 / dim) ** 0.5
+        return noise * (z_strong @ strong + z_iso)
+
+    rows, outputs, source_index, split, reps = [], [], [], [], []
+    rep_dim = representation_dim or 0
+    if rep_dim:
+        rep_target = torch.randn(rep_dim, generator=gen, dtype=torch.float64)
+        rep_target = rep_target / rep_target.norm()
+    all_names = names + ["target_eval"]
+    for idx, name in enumerate(all_names):
+        is_target = name == "target_eval"
+        n = target_examples if is_target else sizes[idx]
+        role = "aligned" if is_target else roles[name]
+        if role == "aligned":
+            direction = u
+        elif role == "opposed":
+            direction = -u
+        else:
+            v = torch.randn(dim, generator=gen, dtype=torch.float64)
+            v = v - (v @ u) * u
+            direction = v / v.norm()
+        mean = strength * direction + shared * common
+        rows.append(mean + scatter(n))
+        outputs.append(output_mean + output_std * torch.randn(n, generator=gen, dtype=torch.float64))
+        source_index.append(torch.full((n,), idx, dtype=torch.int64))
+        split.append(torch.full((n,), SPLIT_TARGET if is_target else SPLIT_TRAIN, dtype=torch.int8))
+        if rep_dim:
+            if role == "aligned":
+                rep_mean = rep_target
+            elif role == "opposed":
+                rep_mean = -rep_target
+            else:
+                r = torch.randn(rep_dim, generator=gen, dtype=torch.float64)
+                r = r - (r @ rep_target) * rep_target
+                rep_mean = r / r.norm()
+            reps.append(rep_mean + 0.3 * torch.randn(n, rep_dim, generator=gen, dtype=torch.float64))
+    features = torch.cat(rows)
+    n_total = features.shape[0]
+    return GradientCache(
+        features,
+        torch.cat(outputs),
+        torch.arange(n_total, dtype=torch.int64),
+        torch.cat(source_index),
+        torch.cat(split),
+        all_names,
+        target_source="target_train" if target_train_examples > 0 else None,
+        manifest={
+            "synthetic": True,
+            "roles": roles,
+            "seed": seed,
+            "projection": {"kind": "synthetic", "dim": dim, "seed": seed},
+        },
+        representations=torch.cat(reps) if rep_dim else None,
+    )

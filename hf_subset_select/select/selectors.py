@@ -1,0 +1,447 @@
+"""Turn first-order estimates into a source selection: random ensemble, linear surrogate, forward.
+
+All methods score every candidate source with an estimated target loss (lower is better) and return a
+:class:`SourceSelection`, which prints as a table, saves to JSON tied to its cache, filters a tagged
+dataset to the kept sources and gives per-example sampling weights.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..config import SelectConfig
+from ..io_utils import atomic_write_json, read_json
+from ..data.sources import SOURCE_COLUMN
+
+__all__ = ["SourceSelection", "select_sources", "scores_to_weights", "SELECTION_FORMAT_VERSION"]
+
+SELECTION_FORMAT = "hf_subset_select.source_selection"
+SELECTION_FORMAT_VERSION = 1
+
+
+def scores_to_weights(
+    scores: dict[str, float],
+    selected: Sequence[str],
+    *,
+    lower_is_better: bool = True,
+    temperature: float = 1.0,
+) -> dict[str, float]:
+    """Per-source sampling weights: a softmax of standardized scores over the selected sources.
+
+    Scores are standardized over all candidates (z = (score - mean) / std, sign flipped when lower is
+    better), weights ∝ exp(z / temperature) over the selected sources and rescaled to average 1 there;
+    unselected sources get 0. With equal scores every selected source gets 1.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    names = list(scores)
+    values = torch.tensor([scores[n] for n in names], dtype=torch.float64)
+    finite = torch.isfinite(values)
+    weights = {n: 0.0 for n in names}
+    chosen = [n for n in names if n in set(selected)]
+    if not chosen:
+        return weights
+    if int(finite.sum()) < 2 or float(values[finite].std()) == 0.0:
+        return {n: (1.0 if n in chosen else 0.0) for n in names}
+    mean, std = values[finite].mean(), values[finite].std()
+    z = (values - mean) / std
+    if lower_is_better:
+        z = -z
+    z = torch.nan_to_num(z, nan=0.0)
+    idx = torch.tensor([names.index(n) for n in chosen])
+    w = torch.softmax(z[idx] / temperature, dim=0) * len(chosen)
+    for n, v in zip(chosen, w.tolist()):
+        weights[n] = float(v)
+    return weights
+
+
+@dataclass
+class SourceSelection:
+    """Which sources to fine-tune on, with scores and sampling weights.
+
+    Attributes:
+        method: how the scores were made ("random_ensemble", "linear", "forward", or a baseline).
+        sources: the candidate sources, in cache order.
+        scores: one score per candidate (an estimated target loss unless ``lower_is_better`` is False).
+        selected: the kept sources (the target's own training source is always kept on top of these).
+        weights: per-source sampling weights (selected average 1, unselected 0).
+        target_source: the target's own training source (kept by :meth:`apply`, weight 1), if any.
+        lower_is_better: direction of ``scores``.
+        info: method details (λ, number of subsets, effects, greedy path, ...).
+        manifest: ties the selection to its cache (fingerprint, sources, dim).
+    """
+
+    method: str
+    sources: list[str]
+    scores: dict[str, float]
+    selected: list[str]
+    weights: dict[str, float]
+    target_source: str | None = None
+    lower_is_better: bool = True
+    info: dict[str, Any] = field(default_factory=dict)
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ views
+    @property
+    def dropped(self) -> list[str]:
+        return [s for s in self.sources if s not in self.selected]
+
+    @property
+    def ranking(self) -> list[str]:
+        """Candidates from best to worst score."""
+        sign = 1.0 if self.lower_is_better else -1.0
+        return sorted(
+            self.sources,
+            key=lambda s: (
+                math.isnan(self.scores[s]),
+                sign * self.scores[s] if not math.isnan(self.scores[s]) else 0.0,
+            ),
+        )
+
+    def keep_sources(self) -> list[str]:
+        """Sources that :meth:`apply` keeps: the selected ones plus the target's own source."""
+        keep = list(self.selected)
+        if self.target_source is not None and self.target_source not in keep:
+            keep.append(self.target_source)
+        return keep
+
+    def __repr__(self) -> str:
+        effects = self.info.get("effects", {})
+        head = (
+            f"SourceSelection(method={self.method!r}, kept {len(self.selected)}/{len(self.sources)}, "
+            f"target_source={self.target_source!r}, scores: {'lower' if self.lower_is_better else 'higher'} is better)"
+        )
+        width = max([len("source"), *(len(s) for s in self.sources)])
+        lines = [head, f"{'source':<{width}}  {'score':>10}  {'effect':>10}  {'kept':>4}  {'weight':>7}"]
+        for s in self.ranking:
+            eff = effects.get(s)
+            eff_txt = f"{eff:>10.4g}" if eff is not None else f"{'-':>10}"
+            lines.append(
+                f"{s:<{width}}  {self.scores[s]:>10.4g}  {eff_txt}  {('yes' if s in self.selected else 'no'):>4}  "
+                f"{self.weights.get(s, 0.0):>7.3f}"
+            )
+        if self.target_source is not None and self.target_source not in self.sources:
+            lines.append(
+                f"{self.target_source:<{width}}  {'(target)':>10}  {'-':>10}  {'yes':>4}  {1.0:>7.3f}"
+            )
+        return "\n".join(lines)
+
+    __str__ = __repr__
+
+    # ------------------------------------------------------------------ disk
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": SELECTION_FORMAT,
+            "format_version": SELECTION_FORMAT_VERSION,
+            "package_version": __version__,
+            "method": self.method,
+            "sources": list(self.sources),
+            "scores": {k: _json_float(v) for k, v in self.scores.items()},
+            "selected": list(self.selected),
+            "weights": dict(self.weights),
+            "target_source": self.target_source,
+            "lower_is_better": self.lower_is_better,
+            "info": _jsonable(self.info),
+            "manifest": _jsonable(self.manifest),
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the selection as JSON (atomically)."""
+        atomic_write_json(os.fspath(path), self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, cache: Any | None = None) -> SourceSelection:
+        """Read a selection written by :meth:`save`; with ``cache``, check that it was made from that cache."""
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"No source selection at {path!r}; create one with select_sources(...).save(path)."
+            )
+        try:
+            data = read_json(path)
+        except ValueError as exc:
+            raise ValueError(
+                f"{path!r} is not valid JSON ({exc}); re-create it with SourceSelection.save()."
+            ) from exc
+        if not isinstance(data, dict) or data.get("format") != SELECTION_FORMAT:
+            raise ValueError(f"{path!r} is not a hf_subset_select source selection.")
+        if data.get("format_version") != SELECTION_FORMAT_VERSION:
+            raise ValueError(
+                f"{path!r} has selection format version {data.get('format_version')}, this release reads "
+                f"{SELECTION_FORMAT_VERSION}; re-run select_sources with this version."
+            )
+        sel = cls(
+            method=data["method"],
+            sources=list(data["sources"]),
+            scores={k: (math.nan if v is None else float(v)) for k, v in data["scores"].items()},
+            selected=list(data["selected"]),
+            weights={k: float(v) for k, v in data["weights"].items()},
+            target_source=data.get("target_source"),
+            lower_is_better=bool(data.get("lower_is_better", True)),
+            info=data.get("info", {}),
+            manifest=data.get("manifest", {}),
+        )
+        sel._check_consistent()
+        if cache is not None:
+            sel.check_cache(cache)
+        return sel
+
+    def _check_consistent(self) -> None:
+        unknown = [s for s in self.selected if s not in self.sources]
+        if unknown or set(self.scores) != set(self.sources):
+            raise ValueError(
+                "The selection's sources, scores and selected lists disagree; the file was edited or is corrupt."
+            )
+
+    def check_cache(self, cache: Any) -> None:
+        """Raise ValueError if this selection was not computed from ``cache`` (fingerprint and sources)."""
+        cache = getattr(cache, "cache", cache)  # accept an estimator
+        want = self.manifest.get("cache_fingerprint")
+        have = cache.fingerprint()
+        if want is not None and want != have:
+            raise ValueError(
+                f"This selection was computed from cache {want}, not from this cache ({have}). Re-run "
+                "select_sources on this cache, or load the selection without cache= to skip the check."
+            )
+        missing = [s for s in self.sources if s not in cache.sources]
+        if missing:
+            raise ValueError(
+                f"The cache lacks the selection's sources {missing}; it is not the cache this selection came from."
+            )
+
+    # ------------------------------------------------------------------ datasets
+    def _dataset_sources(self, dataset: Any) -> list[str]:
+        columns = getattr(dataset, "column_names", None)
+        if columns is None or SOURCE_COLUMN not in columns:
+            raise ValueError(
+                f"The dataset has no {SOURCE_COLUMN!r} column; tag it with hf_subset_select.tag_sources(...) "
+                "(and keep the column through preprocessing) before applying a selection."
+            )
+        present = list(dict.fromkeys(dataset[SOURCE_COLUMN]))
+        known = set(self.sources) | ({self.target_source} if self.target_source else set())
+        unknown = [s for s in present if s not in known]
+        if unknown:
+            raise ValueError(
+                f"The dataset has source(s) {unknown} that this selection does not know (it scored "
+                f"{self.sources}, target {self.target_source!r}). Apply it to the training mix it was made for, "
+                "or re-run the selection on a cache that includes those sources."
+            )
+        return present
+
+    def apply(self, dataset: Any) -> Any:
+        """Filter a tagged ``datasets.Dataset`` to the selected sources plus the target's own source."""
+        self._dataset_sources(dataset)
+        keep = set(self.keep_sources())
+        return dataset.filter(lambda batch: [s in keep for s in batch[SOURCE_COLUMN]], batched=True)
+
+    def source_weight(self, source: str) -> float:
+        if self.target_source is not None and source == self.target_source:
+            return 1.0
+        try:
+            return float(self.weights[source])
+        except KeyError:
+            raise ValueError(f"Source {source!r} is not in this selection ({self.sources}).") from None
+
+    def sampling_weights(self, dataset: Any) -> list[float]:
+        """One weight per example: its source's weight (0 for dropped sources, 1 for the target's own).
+
+        Use them with ``torch.utils.data.WeightedRandomSampler`` or as per-example loss weights; they are
+        not divided by source sizes, so among kept sources the natural proportions are tilted by the scores.
+        """
+        self._dataset_sources(dataset)
+        table = {s: self.source_weight(s) for s in set(self.sources) | ({self.target_source} - {None})}
+        return [table[s] for s in dataset[SOURCE_COLUMN]]
+
+
+def _json_float(v: float) -> float | None:
+    return None if (isinstance(v, float) and not math.isfinite(v)) else float(v)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, float):
+        return _json_float(obj)
+    if isinstance(obj, (int, str, bool)) or obj is None:
+        return obj
+    if hasattr(obj, "item"):
+        return _jsonable(obj.item())
+    return str(obj)
+
+
+def cache_manifest(cache: Any) -> dict[str, Any]:
+    """The fields that tie a selection to its cache."""
+    return {
+        "cache_fingerprint": cache.fingerprint(),
+        "cache_sources": list(cache.sources),
+        "cache_dim": int(cache.dim),
+        "target_source": cache.target_source,
+    }
+
+
+def _keep(names: list[str], scores: torch.Tensor, default_keep: torch.Tensor, cfg: SelectConfig) -> list[str]:
+    """Apply top_k / threshold / the method's default rule to loss-like scores (lower is better)."""
+    if cfg.top_k is not None:
+        if cfg.top_k > len(names):
+            raise ValueError(f"top_k={cfg.top_k} exceeds the number of candidate sources ({len(names)}).")
+        order = torch.argsort(torch.nan_to_num(scores, nan=math.inf), stable=True)[: cfg.top_k].tolist()
+        return [names[i] for i in sorted(order)]
+    if cfg.threshold is not None:
+        return [n for n, v in zip(names, scores.tolist()) if v < cfg.threshold]
+    return [n for n, k in zip(names, default_keep.tolist()) if k]
+
+
+def _random_membership(n: int, cfg: SelectConfig, need_nonempty: bool) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(cfg.seed)
+    m = torch.rand(cfg.num_subsets, n, generator=gen) < cfg.subset_ratio
+    if need_nonempty:
+        empty = torch.nonzero(~m.any(1)).flatten()
+        if empty.numel():
+            m[empty, torch.randint(0, n, (empty.numel(),), generator=gen)] = True
+    return m
+
+
+def select_sources(
+    estimator: Any,
+    method: str | None = None,
+    config: SelectConfig | None = None,
+    **kwargs: Any,
+) -> SourceSelection:
+    """Score the estimator's candidate sources and keep the helpful ones.
+
+    Args:
+        estimator: a :class:`~hf_subset_select.FirstOrderEstimator`.
+        method: "random_ensemble" (score = mean estimated loss of the random subsets containing the
+            source), "linear" (least-squares coefficient of the source in L̂ ≈ β0 + Σ β_k m_k) or
+            "forward" (greedy forward selection on L̂; score = L̂ right after the source was added).
+            Overrides ``config.method``.
+        config: a :class:`~hf_subset_select.SelectConfig`; keyword arguments override its fields
+            (``num_subsets``, ``subset_ratio``, ``top_k``, ``threshold``, ``seed``, ``temperature``).
+
+    Returns:
+        A :class:`SourceSelection`.
+    """
+    if config is None:
+        config = SelectConfig(**kwargs)
+    elif kwargs:
+        config = SelectConfig(**{**config.to_dict(), **kwargs})
+    if method is not None:
+        config = SelectConfig(**{**config.to_dict(), "method": method})
+    names = list(estimator.sources)
+    if not names:
+        raise ValueError("The estimator has no candidate sources to select from.")
+    n = len(names)
+    info: dict[str, Any] = {
+        "l2": estimator.resolved_l2(),
+        "l2_rule": estimator.l2_rule,
+        "step_scale": estimator.step_scale,
+        "solver": estimator.config.solver,
+        "base_loss": estimator.base_loss,
+    }
+    need_nonempty = estimator.forced_source is None
+    if config.method in ("random_ensemble", "linear"):
+        m = _random_membership(n, config, need_nonempty)
+        losses = estimator.estimate(m)
+        mf = m.to(torch.float64)
+        info.update(
+            num_subsets=int(m.shape[0]),
+            subset_ratio=config.subset_ratio,
+            seed=config.seed,
+            mean_estimated_loss=float(losses.mean()),
+        )
+        inside = mf.sum(0)
+        if bool((inside == 0).any()) or bool((inside == m.shape[0]).any()):
+            bad = [names[i] for i in torch.nonzero((inside == 0) | (inside == m.shape[0])).flatten().tolist()]
+            raise ValueError(
+                f"Source(s) {bad} were in none or in all of the {m.shape[0]} random subsets, so they cannot be "
+                "scored; raise num_subsets or move subset_ratio towards 0.5."
+            )
+        with_mean = (mf * losses[:, None]).sum(0) / inside
+        without_mean = ((1 - mf) * losses[:, None]).sum(0) / (m.shape[0] - inside)
+        effects = with_mean - without_mean
+        info["effects"] = {s: float(v) for s, v in zip(names, effects)}
+        if config.method == "random_ensemble":
+            scores = with_mean
+            default_keep = effects < 0
+        else:
+            design = torch.cat([torch.ones(m.shape[0], 1, dtype=torch.float64), mf], 1)
+            coef = torch.linalg.lstsq(design, losses[:, None]).solution.flatten()
+            fit = design @ coef
+            ss_res = float(((losses - fit) ** 2).sum())
+            ss_tot = float(((losses - losses.mean()) ** 2).sum())
+            info["intercept"] = float(coef[0])
+            info["r2"] = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
+            scores = coef[1:]
+            default_keep = scores < 0
+    elif config.method == "forward":
+        scores, path, path_losses, start = _forward_path(estimator, names)
+        info.update(path=path, path_losses=path_losses.tolist(), start_loss=start)
+        if config.top_k is not None:
+            if config.top_k > n:
+                raise ValueError(f"top_k={config.top_k} exceeds the number of candidate sources ({n}).")
+            chosen = set(path[: config.top_k])
+        elif config.threshold is not None:
+            chosen = {s for s, v in zip(names, scores.tolist()) if v < config.threshold}
+        else:  # the best subset along the greedy path (possibly the target alone)
+            best = int(torch.argmin(path_losses))
+            prefix = 0 if start <= float(path_losses[best]) else best + 1
+            chosen = set(path[:prefix])
+        return _finish(estimator, config, names, scores, [s for s in names if s in chosen], info)
+    else:  # SelectConfig validates the method already
+        raise ValueError(f"Unknown method {config.method!r}.")
+    selected = _keep(names, scores, default_keep, config)
+    return _finish(estimator, config, names, scores, selected, info)
+
+
+def _finish(
+    estimator: Any,
+    config: SelectConfig,
+    names: list[str],
+    scores: torch.Tensor,
+    selected: list[str],
+    info: dict,
+) -> SourceSelection:
+    score_dict = {s: float(v) for s, v in zip(names, scores.tolist())}
+    weights = scores_to_weights(score_dict, selected, lower_is_better=True, temperature=config.temperature)
+    manifest = cache_manifest(estimator.cache)
+    manifest["estimator_config"] = estimator.config.to_dict()
+    manifest["select_config"] = config.to_dict()
+    return SourceSelection(
+        method=config.method,
+        sources=names,
+        scores=score_dict,
+        selected=selected,
+        weights=weights,
+        target_source=estimator.target_source,
+        lower_is_better=True,
+        info=info,
+        manifest=manifest,
+    )
+
+
+def _forward_path(estimator: Any, names: list[str]) -> tuple[torch.Tensor, list[str], torch.Tensor, float]:
+    """Greedy forward selection over all candidates: the order sources are added and L̂ after each."""
+    chosen: list[str] = []
+    path_losses: list[float] = []
+    scores = torch.full((len(names),), math.nan, dtype=torch.float64)
+    start = float(estimator.estimate([[]])[0]) if estimator.forced_source is not None else math.inf
+    remaining = list(names)
+    while remaining:
+        losses = estimator.estimate([chosen + [s] for s in remaining])
+        j = int(torch.argmin(losses))
+        pick = remaining.pop(j)
+        chosen.append(pick)
+        path_losses.append(float(losses[j]))
+        scores[names.index(pick)] = float(losses[j])
+    return scores, chosen, torch.tensor(path_losses, dtype=torch.float64), start

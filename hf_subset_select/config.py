@@ -164,8 +164,9 @@ class CollectConfig(ConfigMixin):
     proj_dim: int = field(
         default=2048,
         metadata={
-            "help": "Projection dimension d. Fidelity was poor at d=128 in our trials and good at d in the "
-            "thousands; with proj_type='auto' and fewer trainable parameters than d no projection is used."
+            "help": "Projection dimension d. Inner products of projected gradients are kept up to an error of "
+            "about 1/sqrt(d) of their norms, so use d in the thousands (the estimate's ranking degrades at d=128, "
+            "docs/benchmarks.md); with proj_type='auto' and fewer trainable parameters than d no projection is used."
         },
     )
     proj_type: Literal["auto", "rademacher", "gaussian", "sparse", "identity"] = _choice(

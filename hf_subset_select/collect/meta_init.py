@@ -94,11 +94,29 @@ def trainable_fingerprint(model: Any, names: Iterable[str] | None = None) -> str
     return fingerprint_tensors(named)
 
 
-def _base_parameters(model: Any) -> list[tuple[str, torch.Tensor]]:
+def _adapter_saved_modules(model: Any) -> list[str]:
+    """Canonical names of the base modules a PEFT model saves whole with its adapter (``modules_to_save``,
+    e.g. a sequence classifier's head): θ* restores them, so the base model's own copies do not matter."""
+    if not _is_peft(model):
+        return []
+    names = {
+        _canonical(name)
+        for name, module in model.named_modules()
+        if type(module).__name__ == "ModulesToSaveWrapper"
+    }
+    return sorted(names)
+
+
+def _base_parameters(model: Any, excluded: Iterable[str] = ()) -> list[tuple[str, torch.Tensor]]:
+    """The frozen base parameters θ* was trained on, by canonical name; ``excluded`` modules left out."""
     base = model.get_base_model() if _is_peft(model) else model
-    if _is_peft(model):
-        return [(n, p) for n, p in base.named_parameters() if "lora_" not in n and "modules_to_save" not in n]
-    return list(base.named_parameters())
+    prefixes = tuple(f"{m}." for m in excluded)
+    named = []
+    for n, p in base.named_parameters():
+        if "lora_" in n or "modules_to_save" in n or _canonical(n).startswith(prefixes):
+            continue
+        named.append((n, p))
+    return named
 
 
 def _base_fingerprint(named: list[tuple[str, torch.Tensor]]) -> str:
@@ -112,10 +130,11 @@ def _base_fingerprint(named: list[tuple[str, torch.Tensor]]) -> str:
 
 
 def _canonical(name: str) -> str:
-    """Base-parameter name independent of PEFT wrapping (``base_model.model.`` prefix, ``.base_layer``)."""
+    """Base-parameter name independent of PEFT wrapping (``base_model.model.`` prefix, ``.base_layer``,
+    ``.original_module``)."""
     if name.startswith("base_model.model."):
         name = name[len("base_model.model.") :]
-    return name.replace(".base_layer.", ".")
+    return name.replace(".base_layer.", ".").replace(".original_module.", ".").removesuffix(".original_module")
 
 
 def _base_name(model: Any) -> str | None:
@@ -155,7 +174,8 @@ def build_manifest(
     base_model_name_or_path: str | None,
 ) -> dict[str, Any]:
     trainable = _trainable(model)
-    base = _base_parameters(model)
+    excluded = _adapter_saved_modules(model)
+    base = _base_parameters(model, excluded)
     return {
         "format": META_INIT_FORMAT,
         "format_version": META_INIT_FORMAT_VERSION,
@@ -170,7 +190,11 @@ def build_manifest(
         ],
         "num_trainable_parameters": int(sum(p.numel() for _, p in trainable)),
         "fingerprint": trainable_fingerprint(model),
-        "base_parameters": {"count": len(base), "fingerprint": _base_fingerprint(base)},
+        "base_parameters": {
+            "count": len(base),
+            "fingerprint": _base_fingerprint(base),
+            "excluded_modules": excluded,
+        },
         "sources": dict(sources or {}),
         "target_source": target_source,
         "global_step": int(global_step),
@@ -314,8 +338,8 @@ def read_meta_init_manifest(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _check_base(model: Any, manifest: dict[str, Any]) -> None:
-    base = _base_parameters(model)
     expected = manifest["base_parameters"]
+    base = _base_parameters(model, expected.get("excluded_modules") or ())
     if len(base) != expected["count"] or _base_fingerprint(base) != expected["fingerprint"]:
         raise MetaInitManifestError(
             "The base model does not match the one θ* was trained on (parameter names, shapes or weights differ; "

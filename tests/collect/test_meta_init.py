@@ -211,3 +211,33 @@ def test_load_refuses_wrong_base_tampering_and_non_meta_init_dirs(tmp_path, toy_
     (out / "meta_init.json").write_text("{not json")
     with pytest.raises(MetaInitManifestError, match="not valid JSON"):
         load_meta_init(out, base_model=make_tiny_causal_lm("gpt2"))
+
+
+def test_peft_sequence_classifier_round_trip_ignores_the_unused_base_head(tmp_path):
+    """PEFT wraps a classifier's head (modules_to_save): θ* restores it, so a base model whose own random head
+    differs must load, and one whose body differs must still be refused."""
+    from hf_subset_select.collect.meta_init import MetaInitManifestError, load_meta_init, save_meta_init
+    from hf_subset_select.demo.toy import add_lora, make_tiny_classifier
+
+    model = add_lora(make_tiny_classifier(3, seed=0))
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    manifest = save_meta_init(model, str(tmp_path / "theta"))
+    assert manifest["base_parameters"]["excluded_modules"] == ["score"]
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    model.eval()
+    expected = model(input_ids=ids).logits
+
+    other_head = make_tiny_classifier(3, seed=0)
+    with torch.no_grad():
+        other_head.score.weight.normal_()  # a fresh random head, as from_pretrained on a new label count gives
+    restored = load_meta_init(str(tmp_path / "theta"), base_model=other_head)
+    assert torch.allclose(restored(input_ids=ids).logits, expected, atol=1e-5)
+
+    other_body = make_tiny_classifier(3, seed=0)
+    with torch.no_grad():
+        other_body.transformer.h[0].mlp.c_fc.weight.add_(1.0)
+    with pytest.raises(MetaInitManifestError, match="base model does not match"):
+        load_meta_init(str(tmp_path / "theta"), base_model=other_body)

@@ -70,7 +70,8 @@ __all__ = [
 
 ROLES = ("helpful", "irrelevant", "harmful")
 TARGET = "target"
-TARGET_EVAL = "target_eval"
+TARGET_TEST = "target_test"  # scores the final fine-tunes only
+TARGET_DEV = "target_dev"  # what the method sees (gradients, estimates)
 
 _LETTERS = [chr(ord("a") + i) for i in range(26)]
 _DIGITS = [str(i) for i in range(10)]
@@ -125,7 +126,10 @@ class DemoTasks:
     Attributes:
         train: tagged training data (``source`` / ``example_id`` columns): the target's training split
             (source :attr:`target`) followed by every auxiliary source.
-        target_eval: the tagged target evaluation split (source ``"target_eval"``).
+        target_dev: the tagged target split the method sees (source ``"target_dev"``): the collector's target
+            rows, so every estimate and selection is made on it.
+        target_test: the tagged held-out target split (source ``"target_test"``): it only scores fine-tunes,
+            and no input of it occurs in any other split or source.
         target: name of the target's training source.
         roles: auxiliary source -> ``"helpful"`` | ``"irrelevant"`` | ``"harmful"``.
         descriptions: auxiliary source -> what it holds.
@@ -140,7 +144,8 @@ class DemoTasks:
     """
 
     train: Any
-    target_eval: Any
+    target_dev: Any
+    target_test: Any
     target: str
     roles: dict[str, str]
     descriptions: dict[str, str]
@@ -214,7 +219,7 @@ class DemoTasks:
             model,
             self.tokenizer,
             self.subset(sources, include_target=include_target),
-            self.target_eval,
+            self.target_test,
             seed=seed,
             **kwargs,
         )
@@ -224,8 +229,8 @@ class DemoTasks:
         return training_arguments(output_dir, seed=seed, **{**self.training, **overrides})
 
     def evaluate(self, model: Any) -> dict[str, float]:
-        """Target metrics of ``model`` on the target evaluation split (see :func:`evaluate_target`)."""
-        return evaluate_target(model, self.tokenizer, self.target_eval)
+        """Target metrics of ``model`` on the held-out target test split (see :func:`evaluate_target`)."""
+        return evaluate_target(model, self.tokenizer, self.target_test)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -320,11 +325,15 @@ def make_demo_tasks(scale: str = "full", seed: int = 0) -> DemoTasks:
         "sum": [_row(["sum", *d, "="], [str((int(d[0]) + int(d[1])) % 10)]) for d in digits2],
         "inc": [_row(["inc", *d, "="], [str((int(x) + 1) % 10) for x in d]) for d in digits3],
     }
+    # drawn last, so that the other splits and sources do not depend on it
+    dev_x = _balanced_triples(_LETTERS, cfg["eval_blocks"], rng, used)
     train = tag_sources({name: Dataset.from_list(r) for name, r in rows.items()}, target=TARGET)
-    target_eval = tag_target_eval(Dataset.from_list(_enc_rows(eval_x, sigma)), name=TARGET_EVAL)
+    target_test = tag_target_eval(Dataset.from_list(_enc_rows(eval_x, sigma)), name=TARGET_TEST)
+    target_dev = tag_target_eval(Dataset.from_list(_enc_rows(dev_x, sigma)), name=TARGET_DEV)
     return DemoTasks(
         train=train,
-        target_eval=target_eval,
+        target_dev=target_dev,
+        target_test=target_test,
         target=TARGET,
         roles={name: role for name, (role, _) in _SOURCES.items()},
         descriptions={name: desc for name, (_, desc) in _SOURCES.items()},
@@ -338,7 +347,7 @@ def make_demo_tasks(scale: str = "full", seed: int = 0) -> DemoTasks:
             "cipher": sigma,
             "conflicting_cipher": conflict,
             "target_letters": seen,
-            "sizes": {name: len(r) for name, r in rows.items()} | {TARGET_EVAL: len(eval_x)},
+            "sizes": {name: len(r) for name, r in rows.items()} | {TARGET_TEST: len(eval_x), TARGET_DEV: len(dev_x)},
         },
     )
 

@@ -43,11 +43,13 @@ def test_structure_roles_and_tags(tasks, tmp_path):
     for s in tasks.train["source"]:
         counts[s] = counts.get(s, 0) + 1
     assert list(counts) == [tasks.target, *tasks.sources]
-    assert counts == {k: v for k, v in tasks.info["sizes"].items() if k != "target_eval"}
-    assert set(tasks.target_eval["source"]) == {"target_eval"}
-    assert len(set(tasks.train["example_id"]) | set(tasks.target_eval["example_id"])) == len(
+    assert counts == {k: v for k, v in tasks.info["sizes"].items() if k not in ("target_test", "target_dev")}
+    assert set(tasks.target_test["source"]) == {"target_test"}
+    assert set(tasks.target_dev["source"]) == {"target_dev"}
+    assert len(tasks.target_dev) == len(tasks.target_test) == tasks.info["sizes"]["target_test"]
+    assert len(set(tasks.train["example_id"]) | set(tasks.target_test["example_id"])) == len(
         tasks.train
-    ) + len(tasks.target_eval)
+    ) + len(tasks.target_test)
     with pytest.raises(ValueError, match="choose one of"):
         make_demo_tasks("huge")
     with pytest.raises(ValueError, match="Unknown source"):
@@ -66,10 +68,13 @@ def test_construction_matches_the_mechanisms(tasks):
     # The target's split shows 18 letters; its evaluation split needs all 26.
     seen = {c for p in target["prompt"] for c in _letters(p)}
     assert seen == set(tasks.info["target_letters"]) and len(seen) == 18
-    assert {c for p in tasks.target_eval["prompt"] for c in _letters(p)} == set(sigma)
-    # No evaluation input is ever trained on.
+    assert {c for p in tasks.target_test["prompt"] for c in _letters(p)} == set(sigma)
+    assert {c for p in tasks.target_dev["prompt"] for c in _letters(p)} == set(sigma)
+    # No test input is ever trained on or seen by the method (dev), and no dev input is trained on.
     trained = {p for p in tasks.train["prompt"]}
-    assert not trained & set(tasks.target_eval["prompt"])
+    assert not trained & set(tasks.target_test["prompt"])
+    assert not trained & set(tasks.target_dev["prompt"])
+    assert not set(tasks.target_dev["prompt"]) & set(tasks.target_test["prompt"])
 
     def answers_follow(ds, table):
         return all(
@@ -98,7 +103,7 @@ def test_construction_matches_the_mechanisms(tasks):
         assert "enc" not in words and "map" not in words and not words & set(sigma)
     # Every word is in the vocabulary (no <unk>).
     vocab = set(DEMO_VOCAB)
-    for ds in [tasks.train, tasks.target_eval]:
+    for ds in [tasks.train, tasks.target_dev, tasks.target_test]:
         assert all(set((p + c).split()) <= vocab for p, c in zip(ds["prompt"], ds["completion"]))
 
 
@@ -148,5 +153,5 @@ def test_helpful_sources_beat_all_sources(tasks, one_thread):
     assert helpful.exact_match > everything.exact_match
     # evaluate_target agrees with the metrics returned by the fine-tune
     model = tasks.make_model()
-    before = evaluate_target(model, tasks.tokenizer, tasks.target_eval)
+    before = evaluate_target(model, tasks.tokenizer, tasks.target_test)
     assert before["loss"] > helpful.loss

@@ -54,14 +54,14 @@ _EXPORTS: dict[str, str] = {
     "representation_similarity_selection": "select.baselines",
     "random_selection": "select.baselines",
     "make_synthetic_cache": "demo.synthetic",
-    # collator.py
+    # train/collator.py / weighted_loss.py / sampler.py
     "SubsetSelectingDataCollator": "train.collator",
-    "WeightedLossTrainerMixin": "train.collator",
-    "WeightedLossTrainer": "train.collator",
-    "WeightedLossSFTTrainer": "train.collator",
-    "SourceWeightedSampler": "train.collator",
-    "example_weights": "train.collator",
-    "EXAMPLE_WEIGHT_KEY": "train.collator",
+    "WeightedLossTrainerMixin": "train.weighted_loss",
+    "WeightedLossTrainer": "train.weighted_loss",
+    "WeightedLossSFTTrainer": "train.weighted_loss",
+    "SourceWeightedSampler": "train.sampler",
+    "example_weights": "train.weighted_loss",
+    "EXAMPLE_WEIGHT_KEY": "train.weighted_loss",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -88,10 +88,10 @@ if TYPE_CHECKING:  # pragma: no cover - static re-exports for type checkers and 
         representation_similarity_selection,
     )
     from .collect.cache import GradientCache, GradientCacheError
-    from .train.collator import (
+    from .train.collator import SubsetSelectingDataCollator
+    from .train.sampler import SourceWeightedSampler
+    from .train.weighted_loss import (
         EXAMPLE_WEIGHT_KEY,
-        SourceWeightedSampler,
-        SubsetSelectingDataCollator,
         WeightedLossSFTTrainer,
         WeightedLossTrainer,
         WeightedLossTrainerMixin,

@@ -103,7 +103,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     import transformers
 
     from ..collect.collector import GradientCollector
-    from ..config import CollectConfig, EstimatorConfig
+    from ..config import CollectConfig, EstimatorConfig, SelectConfig
     from .tasks import PadCollator, make_demo_tasks
     from ..data.encode import encode_example
     from ..estimate.estimator import FirstOrderEstimator
@@ -117,7 +117,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         plot_source_scores,
         write_markdown,
     )
-    from ..select.selectors import select_sources
+    from ..select.registry import select_sources
 
     transformers.logging.set_verbosity_error()
     default_threads = torch.get_num_threads()
@@ -173,7 +173,9 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     # decision from greedy forward selection on L̂, which was the more robust of the two on these tasks
     # (across seeds the ensemble sometimes kept a harmful source that shares the target's prompt).
     ensemble = select_sources(
-        estimator, method="random_ensemble", num_subsets=knobs["num_subsets"], seed=config.seed
+        estimator,
+        method="random_ensemble",
+        config=SelectConfig(num_subsets=knobs["num_subsets"], seed=config.seed),
     )
     selection = select_sources(estimator, method="forward")
     select_seconds = time.perf_counter() - t0

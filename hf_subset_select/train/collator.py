@@ -70,7 +70,7 @@ def source_weight_table(selection: Any) -> dict[str, float]:
     handled by the caller's ``unknown_sources`` policy.
     """
     if isinstance(selection, (str, os.PathLike)):
-        from ..select.selectors import SourceSelection
+        from ..select.selection import SourceSelection
 
         selection = SourceSelection.load(selection)
     if isinstance(selection, Mapping):

@@ -92,7 +92,15 @@ class RandomEnsembleSelector(_SubsetEnsembleSelector):
     """Score = mean estimated loss of the random subsets that hold the source; by default keeps the sources whose
     effect (mean with minus mean without) is negative."""
 
-    def from_ensemble(self, names, membership, losses, with_mean, effects, info) -> SelectorScores:
+    def from_ensemble(
+        self,
+        names: list[str],
+        membership: torch.Tensor,
+        losses: torch.Tensor,
+        with_mean: torch.Tensor,
+        effects: torch.Tensor,
+        info: dict[str, Any],
+    ) -> SelectorScores:
         keep = [n for n, e in zip(names, effects.tolist()) if e < 0]
         return SelectorScores(scores=with_mean, default_keep=keep, info=info)
 
@@ -102,7 +110,15 @@ class LinearSelector(_SubsetEnsembleSelector):
     """Score = the source's coefficient in the least-squares fit L̂ ≈ β0 + Σ β_k m_k over the random subsets; by
     default keeps the sources with a negative coefficient."""
 
-    def from_ensemble(self, names, membership, losses, with_mean, effects, info) -> SelectorScores:
+    def from_ensemble(
+        self,
+        names: list[str],
+        membership: torch.Tensor,
+        losses: torch.Tensor,
+        with_mean: torch.Tensor,
+        effects: torch.Tensor,
+        info: dict[str, Any],
+    ) -> SelectorScores:
         design = torch.cat([torch.ones(membership.shape[0], 1, dtype=torch.float64), membership], 1)
         coef = torch.linalg.lstsq(design, losses[:, None]).solution.flatten()
         fit = design @ coef

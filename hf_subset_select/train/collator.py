@@ -210,8 +210,8 @@ class SubsetSelectingDataCollator:
       (``on_empty="error"``) or is passed with zero weights (``on_empty="zero_weight"``, needs a weighted-loss
       trainer, and then every batch carries the weight tensor);
     * ``mode="weight"``: keeps every example and adds a float tensor ``batch[weight_key]`` of shape
-      ``[batch_size]`` with each example's weight; use :class:`WeightedLossTrainer` or
-      :class:`WeightedLossSFTTrainer` to turn it into a weighted loss.
+      ``[batch_size]`` with each example's weight; use :class:`~hf_subset_select.WeightedLossTrainer` or
+      :class:`~hf_subset_select.WeightedLossSFTTrainer` to turn it into a weighted loss.
 
     The ``source`` column must reach the collator: with ``Trainer``/``SFTTrainer`` use the ``SubsetSelect*`` or
     ``WeightedLoss*`` trainers (they keep it through ``remove_unused_columns``), and keep packing/padding-free off.

@@ -53,7 +53,7 @@ def example_weights(
 ) -> torch.Tensor:
     """Per-example weights (float64, one per row) of a tagged dataset under ``selection``.
 
-    Feeds :class:`SourceWeightedSampler` (or ``torch.utils.data.WeightedRandomSampler``). With
+    Feeds :class:`~hf_subset_select.SourceWeightedSampler` (or ``torch.utils.data.WeightedRandomSampler``). With
     ``source_weighting="mixture"`` the selection's weights are the probabilities of drawing each source.
     """
     names = getattr(dataset, "column_names", None)
@@ -69,7 +69,6 @@ def example_weights(
     if not bool((out > 0).any()):
         raise ValueError("No example of this dataset has a positive weight under the selection.")
     return out
-
 
 
 def _safe_divide(numerator: torch.Tensor, denominator: Any) -> torch.Tensor:

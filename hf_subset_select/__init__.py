@@ -46,22 +46,22 @@ _EXPORTS: dict[str, str] = {
     "adam_preconditioner": "collect.precondition",
     "adam_step_scalars": "collect.precondition",
     "PreconditionerError": "collect.precondition",
-    # estimate.py / select.py / baselines.py
+    # estimate/estimator.py / select/registry.py / select/selection.py / select/baselines.py
     "FirstOrderEstimator": "estimate.estimator",
-    "select_sources": "select.selectors",
-    "SourceSelection": "select.selectors",
+    "select_sources": "select.registry",
+    "SourceSelection": "select.selection",
     "gradient_similarity_selection": "select.baselines",
     "representation_similarity_selection": "select.baselines",
     "random_selection": "select.baselines",
     "make_synthetic_cache": "demo.synthetic",
-    # collator.py
+    # train/collator.py / weighted_loss.py / sampler.py
     "SubsetSelectingDataCollator": "train.collator",
-    "WeightedLossTrainerMixin": "train.collator",
-    "WeightedLossTrainer": "train.collator",
-    "WeightedLossSFTTrainer": "train.collator",
-    "SourceWeightedSampler": "train.collator",
-    "example_weights": "train.collator",
-    "EXAMPLE_WEIGHT_KEY": "train.collator",
+    "WeightedLossTrainerMixin": "train.weighted_loss",
+    "WeightedLossTrainer": "train.weighted_loss",
+    "WeightedLossSFTTrainer": "train.weighted_loss",
+    "SourceWeightedSampler": "train.sampler",
+    "example_weights": "train.weighted_loss",
+    "EXAMPLE_WEIGHT_KEY": "train.weighted_loss",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -88,10 +88,10 @@ if TYPE_CHECKING:  # pragma: no cover - static re-exports for type checkers and 
         representation_similarity_selection,
     )
     from .collect.cache import GradientCache, GradientCacheError
-    from .train.collator import (
+    from .train.collator import SubsetSelectingDataCollator
+    from .train.sampler import SourceWeightedSampler
+    from .train.weighted_loss import (
         EXAMPLE_WEIGHT_KEY,
-        SourceWeightedSampler,
-        SubsetSelectingDataCollator,
         WeightedLossSFTTrainer,
         WeightedLossTrainer,
         WeightedLossTrainerMixin,
@@ -111,7 +111,8 @@ if TYPE_CHECKING:  # pragma: no cover - static re-exports for type checkers and 
     from .collect.outputs import classification_margin_output, sequence_log_odds_output, token_log_odds_output
     from .collect.precondition import PreconditionerError, adam_preconditioner, adam_step_scalars
     from .collect.projection import make_projector
-    from .select.selectors import SourceSelection, select_sources
+    from .select.registry import select_sources
+    from .select.selection import SourceSelection
     from .data.sources import (
         BOOKKEEPING_COLUMNS,
         EXAMPLE_ID_COLUMN,

@@ -168,7 +168,7 @@ class SelectArguments:
 def cmd_select(argv: Sequence[str]) -> None:
     """Score every source from the gradient cache and write selection.json."""
     from .config import SelectConfig
-    from .select.selectors import select_sources
+    from .select.registry import select_sources
 
     cache_args, sel_args, select_config, est = parse_dataclasses(
         [CacheArguments, SelectArguments, SelectConfig, _estimator_args()],
@@ -201,7 +201,7 @@ def cmd_report(argv: Sequence[str]) -> None:
     import json
 
     from .report import markdown_table, plot_source_scores, write_markdown
-    from .select.selectors import SourceSelection
+    from .select.selection import SourceSelection
 
     cache_args, rep = parse_dataclasses(
         [CacheArguments, ReportArguments], argv, "hf-subset-select report", cmd_report.__doc__

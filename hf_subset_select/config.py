@@ -495,28 +495,41 @@ class SelectConfig(ConfigMixin):
 
     config_type = "select_config"
 
-    method: Literal["random_ensemble", "linear", "forward"] = _choice(
+    method: Literal[
+        "random_ensemble", "linear", "forward", "gradient_similarity", "representation_similarity", "random"
+    ] = _choice(
         "random_ensemble",
-        ("random_ensemble", "linear", "forward"),
+        ("random_ensemble", "linear", "forward", "gradient_similarity", "representation_similarity", "random"),
         "'random_ensemble' (score = mean estimated loss of the random subsets that hold the source), 'linear' "
         "(coefficients of a linear fit of the estimates on subset membership) or 'forward' (greedy forward "
-        "selection on the estimates).",
+        "selection on the estimates); or a baseline, scored without the estimates (higher is better): "
+        "'gradient_similarity', 'representation_similarity' (mean cosine of a source's gradients / "
+        "representations to the target's) or 'random' (seeded random draws).",
     )
     num_subsets: int = field(
         default=2000, metadata={"help": "Random subsets to estimate (ensemble / linear)."}
     )
     subset_ratio: float = field(
-        default=0.5, metadata={"help": "Probability α that a source is in a random subset."}
+        default=0.5,
+        metadata={
+            "help": "Probability α that a source is in a random subset; the 'random' baseline keeps this share "
+            "of the candidates when neither top_k nor threshold is set."
+        },
     )
     top_k: int | None = field(
-        default=None, metadata={"help": "Keep the k best sources (instead of a threshold)."}
+        default=None,
+        metadata={
+            "help": "Keep the k best sources (instead of a threshold); 'forward' keeps the first k of its "
+            "greedy path."
+        },
     )
     threshold: float | None = field(
         default=None,
         metadata={
-            "help": "Keep sources whose score (an estimated target loss; lower is better) is below this. "
-            "None: keep sources that lower the estimate (ensemble: mean loss with the source below the "
-            "mean without it; linear: negative coefficient; forward: the greedy path's own stop)."
+            "help": "Keep sources whose score is better than this: below it for our methods (an estimated "
+            "target loss), above it for the baselines. None: keep sources that lower the estimate (ensemble: "
+            "mean loss with the source below the mean without it; linear: negative coefficient; forward: the "
+            "greedy path's own stop); the similarity baselines keep sources above the mean similarity."
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed for the random subsets."})

@@ -190,7 +190,7 @@ def _estimate_and_select(
     """Step 3: the estimator (budget λ of the check fine-tunes), ensemble scores and the forward selection."""
     from ..config import EstimatorConfig, SelectConfig
     from ..estimate.estimator import FirstOrderEstimator
-    from ..select.selectors import select_sources
+    from ..select.registry import select_sources
 
     t0 = time.perf_counter()
     # the estimate stands for the check fine-tunes (check_steps AdamW steps from θ*): the budget λ rule reads

@@ -1,45 +1,49 @@
-"""Baseline source selections, in the same result type, for comparisons in benchmarks.
+"""Baseline selectors, for comparisons in benchmarks (scores: higher is better):
 
-* gradient similarity (in the spirit of LESS): mean cosine between a source's training gradients and the
+* ``gradient_similarity`` (in the spirit of LESS): mean cosine between a source's training gradients and the
   target's gradients;
-* representation similarity: mean cosine between a source's last-hidden-state representations and the
+* ``representation_similarity``: mean cosine between a source's last-hidden-state representations and the
   target's;
-* random: a seeded random subset.
+* ``random``: seeded random draws.
 
-Each takes a :class:`~hf_subset_select.GradientCache` (or an estimator, whose cache and candidate
-sources are used) and returns a :class:`~hf_subset_select.SourceSelection`.
+They read only the estimator's cache, candidate sources and target rows. Without ``top_k`` or ``threshold``
+the similarity baselines keep the sources above the candidates' mean similarity, and ``random`` keeps
+round(subset_ratio · number of candidates) of them (at least 1).
+
+The functions :func:`gradient_similarity_selection`, :func:`representation_similarity_selection` and
+:func:`random_selection` run them on a :class:`~hf_subset_select.GradientCache` directly (no estimator).
 """
 
 from __future__ import annotations
 
+from abc import abstractmethod
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..collect.cache import GradientCache
-from .selectors import SourceSelection, cache_manifest, scores_to_weights
+from ..config import SelectConfig
+from .base import Selector, SelectorScores, best_first
+from .registry import get_selector, register_selector
+from .selection import SourceSelection
 
-__all__ = ["gradient_similarity_selection", "representation_similarity_selection", "random_selection"]
+__all__ = [
+    "GradientSimilaritySelector",
+    "RepresentationSimilaritySelector",
+    "RandomSelector",
+    "gradient_similarity_selection",
+    "representation_similarity_selection",
+    "random_selection",
+]
 
 
-def _candidates(obj: Any, include_target_train: bool) -> tuple[GradientCache, list[str], str | None]:
-    """(cache, candidate sources, target's own training source)."""
-    if isinstance(obj, GradientCache):
-        cache = obj
-        forced = cache.target_source if include_target_train else None
-        names = [s for s in cache.train_sources if s != forced]
-    elif hasattr(obj, "cache") and hasattr(obj, "sources"):
-        cache, names = obj.cache, list(obj.sources)
-    else:
-        raise TypeError(f"Expected a GradientCache or a FirstOrderEstimator, got {type(obj).__name__}.")
+def _require_target(cache: GradientCache) -> None:
     if not bool(cache.target_mask.any()):
         raise ValueError(
             "The cache has no target split (no rows with split=1); collect it with "
             "GradientCollector(..., target_dataset=<target evaluation split>)."
         )
-    if not names:
-        raise ValueError("The cache has no candidate training sources.")
-    return cache, names, cache.target_source
 
 
 def _mean_cosine_scores(values: torch.Tensor, cache: GradientCache, names: list[str]) -> torch.Tensor:
@@ -55,40 +59,86 @@ def _mean_cosine_scores(values: torch.Tensor, cache: GradientCache, names: list[
     return out
 
 
-def _select_by_similarity(
-    method: str,
-    cache: GradientCache,
-    names: list[str],
-    target_source: str | None,
-    scores: torch.Tensor,
-    top_k: int | None,
-    threshold: float | None,
-    temperature: float,
-    info: dict[str, Any],
-) -> SourceSelection:
-    if top_k is not None:
-        if not 0 < top_k <= len(names):
-            raise ValueError(f"top_k must lie in [1, {len(names)}], got {top_k}.")
-        order = torch.argsort(-scores, stable=True)[:top_k].tolist()
-        chosen = {names[i] for i in order}
-    elif threshold is not None:
-        chosen = {n for n, v in zip(names, scores.tolist()) if v > threshold}
-    else:  # above the mean similarity of the candidates
+class _SimilaritySelector(Selector):
+    """Scores sources by the mean cosine of :meth:`vectors` between their training rows and the target rows."""
+
+    lower_is_better = False
+
+    @abstractmethod
+    def vectors(self, cache: GradientCache) -> torch.Tensor:
+        """One vector per cache row."""
+
+    def score(self, estimator: Any, names: list[str], config: SelectConfig) -> SelectorScores:
+        cache = estimator.cache
+        _require_target(cache)
+        scores = _mean_cosine_scores(self.vectors(cache), cache, names)
         mean = float(scores.mean())
-        chosen = {n for n, v in zip(names, scores.tolist()) if v > mean}
-    selected = [n for n in names if n in chosen]
-    score_dict = {n: float(v) for n, v in zip(names, scores.tolist())}
-    return SourceSelection(
-        method=method,
-        sources=names,
-        scores=score_dict,
-        selected=selected,
-        weights=scores_to_weights(score_dict, selected, lower_is_better=False, temperature=temperature),
-        target_source=target_source,
-        lower_is_better=False,
-        info=info,
-        manifest=cache_manifest(cache),
-    )
+        return SelectorScores(scores=scores, default_keep=[n for n, v in zip(names, scores.tolist()) if v > mean])
+
+
+@register_selector("gradient_similarity")
+class GradientSimilaritySelector(_SimilaritySelector):
+    """Score = mean cosine similarity of the source's (projected) gradients to the target's gradients."""
+
+    def vectors(self, cache: GradientCache) -> torch.Tensor:
+        return cache.features
+
+
+@register_selector("representation_similarity")
+class RepresentationSimilaritySelector(_SimilaritySelector):
+    """Score = mean cosine similarity of the source's representations (mean last hidden states,
+    ``cache.representations``) to the target's."""
+
+    def vectors(self, cache: GradientCache) -> torch.Tensor:
+        if cache.representations is None:
+            raise ValueError(
+                "The cache has no representations, which representation similarity needs. Re-collect it with "
+                "CollectConfig(representations=True), or use method='gradient_similarity' instead."
+            )
+        return cache.representations
+
+
+@register_selector("random")
+class RandomSelector(Selector):
+    """Score = a seeded uniform draw per source (``config.seed``); keeps the sources with the highest draws."""
+
+    lower_is_better = False
+
+    def score(self, estimator: Any, names: list[str], config: SelectConfig) -> SelectorScores:
+        _require_target(estimator.cache)
+        gen = torch.Generator().manual_seed(config.seed)
+        draws = torch.rand(len(names), generator=gen, dtype=torch.float64)
+        k = config.top_k if config.top_k is not None else max(1, round(config.subset_ratio * len(names)))
+        keep = best_first(names, draws, lower_is_better=False)[:k]
+        return SelectorScores(scores=draws, default_keep=keep, info={"seed": config.seed, "k": k})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the baselines on a cache, without an estimator
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CacheCandidates:
+    """A cache's candidate sources, in the form selectors read from an estimator.
+
+    The candidates are the cache's training sources, less the target's own training source when
+    ``include_target_train`` (which, as in the estimator, is then always kept on top of a selection).
+    """
+
+    cache: GradientCache
+    sources: list[str]
+    target_source: str | None
+
+    @classmethod
+    def of(cls, obj: Any, include_target_train: bool = True) -> Any:
+        """``obj`` itself when it is an estimator, else the candidates of the cache ``obj``."""
+        if isinstance(obj, GradientCache):
+            forced = obj.target_source if include_target_train else None
+            return cls(obj, [s for s in obj.train_sources if s != forced], obj.target_source)
+        if hasattr(obj, "cache") and hasattr(obj, "sources"):
+            return obj
+        raise TypeError(f"Expected a GradientCache or a FirstOrderEstimator, got {type(obj).__name__}.")
 
 
 def gradient_similarity_selection(
@@ -101,14 +151,12 @@ def gradient_similarity_selection(
 ) -> SourceSelection:
     """Score each source by the mean cosine similarity of its gradients to the target's gradients.
 
-    Keeps the ``top_k`` most similar sources, or those above ``threshold``, or (default) those above
-    the candidates' mean similarity. Scores: higher is better.
+    ``cache`` is a :class:`~hf_subset_select.GradientCache` or an estimator. Keeps the ``top_k`` most similar
+    sources, or those above ``threshold``, or (default) those above the candidates' mean similarity. The same as
+    ``select_sources(estimator, method="gradient_similarity", ...)``.
     """
-    cache, names, target_source = _candidates(cache, include_target_train)
-    scores = _mean_cosine_scores(cache.features, cache, names)
-    return _select_by_similarity(
-        "gradient_similarity", cache, names, target_source, scores, top_k, threshold, temperature, {}
-    )
+    config = SelectConfig(method="gradient_similarity", top_k=top_k, threshold=threshold, temperature=temperature)
+    return get_selector("gradient_similarity").select(CacheCandidates.of(cache, include_target_train), config)
 
 
 def representation_similarity_selection(
@@ -119,19 +167,12 @@ def representation_similarity_selection(
     temperature: float = 1.0,
     include_target_train: bool = True,
 ) -> SourceSelection:
-    """Score each source by the mean cosine similarity of its representations (mean last hidden
-    states, ``cache.representations``) to the target's. Same keep rules as the gradient baseline."""
-    cache, names, target_source = _candidates(cache, include_target_train)
-    if cache.representations is None:
-        raise ValueError(
-            "The cache has no representations, which representation similarity needs. Re-collect it with "
-            "CollectConfig(representations=True), or use "
-            "gradient_similarity_selection instead."
-        )
-    scores = _mean_cosine_scores(cache.representations, cache, names)
-    return _select_by_similarity(
-        "representation_similarity", cache, names, target_source, scores, top_k, threshold, temperature, {}
+    """Score each source by the mean cosine similarity of its representations (mean last hidden states,
+    ``cache.representations``) to the target's. Same keep rules as the gradient baseline."""
+    config = SelectConfig(
+        method="representation_similarity", top_k=top_k, threshold=threshold, temperature=temperature
     )
+    return get_selector("representation_similarity").select(CacheCandidates.of(cache, include_target_train), config)
 
 
 def random_selection(
@@ -146,15 +187,12 @@ def random_selection(
 
     Scores are the random draws (higher is better), so the kept sources are the k highest.
     """
-    cache, names, target_source = _candidates(cache, include_target_train)
+    candidates = CacheCandidates.of(cache, include_target_train)
+    n = len(candidates.sources)
     if k is None:
         if not 0.0 < ratio <= 1.0:
             raise ValueError(f"ratio must lie in (0, 1], got {ratio}.")
-        k = max(1, round(ratio * len(names)))
-    if not 0 < k <= len(names):
-        raise ValueError(f"k must lie in [1, {len(names)}], got {k}.")
-    gen = torch.Generator().manual_seed(seed)
-    draws = torch.rand(len(names), generator=gen, dtype=torch.float64)
-    return _select_by_similarity(
-        "random", cache, names, target_source, draws, k, None, 1.0, {"seed": seed, "k": k}
-    )
+        k = max(1, round(ratio * n))
+    if not 0 < k <= n:
+        raise ValueError(f"k must lie in [1, {n}], got {k}.")
+    return get_selector("random").select(candidates, SelectConfig(method="random", top_k=k, seed=seed))

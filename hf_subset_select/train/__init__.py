@@ -1,2 +1,22 @@
-"""Step 5, the target fine-tune: apply a selection through the data collator, a weighted loss or a sampler
-(:mod:`.collator`)."""
+"""Step 5, the target fine-tune: apply a selection through the data collator (:mod:`.collator`, with the per-source
+weight table), a weighted loss (:mod:`.weighted_loss`) or a weighted sampler (:mod:`.sampler`)."""
+
+from .collator import EXAMPLE_WEIGHT_KEY, SubsetSelectingDataCollator, source_weight_table
+from .sampler import SourceWeightedSampler
+from .weighted_loss import (
+    WeightedLossSFTTrainer,
+    WeightedLossTrainer,
+    WeightedLossTrainerMixin,
+    example_weights,
+)
+
+__all__ = [
+    "EXAMPLE_WEIGHT_KEY",
+    "SubsetSelectingDataCollator",
+    "source_weight_table",
+    "SourceWeightedSampler",
+    "WeightedLossTrainerMixin",
+    "WeightedLossTrainer",
+    "WeightedLossSFTTrainer",
+    "example_weights",
+]

@@ -1,4 +1,5 @@
-"""Weighted loss (WeightedLossTrainer / WeightedLossSFTTrainer) and weighted sampling."""
+"""Weighted loss (WeightedLossTrainer / WeightedLossSFTTrainer), example_weights, and the trainers' weighted
+sampling."""
 
 from __future__ import annotations
 
@@ -7,31 +8,14 @@ import tempfile
 import pytest
 import torch
 
-from hf_subset_select import tag_sources
-from hf_subset_select.train.collator import (
-    SourceWeightedSampler,
-    SubsetSelectingDataCollator,
-    WeightedLossSFTTrainer,
-    WeightedLossTrainer,
-    example_weights,
-)
 from hf_subset_select.data.encode import encode_example
 from hf_subset_select.data.trainers import SubsetSelectSFTTrainer, SubsetSelectTrainer
-from hf_subset_select.demo.toy import make_tiny_causal_lm, toy_text_dataset
+from hf_subset_select.demo.toy import make_tiny_causal_lm
+from hf_subset_select.train.collator import SubsetSelectingDataCollator
+from hf_subset_select.train.sampler import SourceWeightedSampler
+from hf_subset_select.train.weighted_loss import WeightedLossSFTTrainer, WeightedLossTrainer, example_weights
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-@pytest.fixture(scope="module")
-def sources():
-    return tag_sources(
-        {
-            "add": toy_text_dataset("add", 3, seed=1),
-            "sub": toy_text_dataset("sub", 2, seed=2),
-            "rev": toy_text_dataset("rev", 1, seed=3),
-        },
-        target="add",
-    )
 
 
 @pytest.fixture(scope="module")
@@ -384,7 +368,7 @@ def test_refuses_label_smoothing(tokenized):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_example_weights_and_sampler(sources):
+def test_example_weights(sources):
     w = example_weights(sources, {"add": 2.0, "sub": 1.0, "rev": 0.0})
     assert w.tolist() == [{"add": 2.0, "sub": 1.0, "rev": 0.0}[s] for s in sources["source"]]
     mix = example_weights(sources, {"add": 0.5, "sub": 0.5, "rev": 0.0}, source_weighting="mixture")
@@ -393,20 +377,6 @@ def test_example_weights_and_sampler(sources):
         s: float(sum(m for m, t in zip(mix.tolist(), sources["source"]) if t == s)) for s in ("add", "sub")
     }
     assert shares["add"] == pytest.approx(shares["sub"])
-
-    sampler = SourceWeightedSampler(w, num_samples=4000, seed=3)
-    draws = list(sampler)
-    again = list(
-        SourceWeightedSampler(w, num_samples=4000, seed=3)
-    )  # same seed -> same draws (all ranks agree)
-    assert draws == again
-    assert draws != list(sampler)  # next epoch draws anew
-    counts = torch.bincount(torch.tensor(draws), minlength=len(w)).double()
-    rev_rows = [i for i, s in enumerate(sources["source"]) if s == "rev"]
-    assert all(counts[i] == 0 for i in rev_rows)
-    expected = w / w.sum() * len(draws)
-    assert torch.allclose(counts, expected, rtol=0.15, atol=30)
-    assert len(SourceWeightedSampler(w)) == int((w > 0).sum())
 
 
 def test_trainer_uses_weighted_sampler(sources, tokenizer):
@@ -441,7 +411,8 @@ sys.path.insert(0, sys.argv[1])
 import datasets, torch, torch.distributed as dist
 from transformers import TrainingArguments
 import test_weighted_loss as T
-from hf_subset_select.train.collator import SubsetSelectingDataCollator, WeightedLossTrainer
+from hf_subset_select.train.collator import SubsetSelectingDataCollator
+from hf_subset_select.train.weighted_loss import WeightedLossTrainer
 
 data = datasets.load_from_disk(sys.argv[2])
 collator = SubsetSelectingDataCollator(T._trl_collator(), T._DDP_TABLE, mode="weight")

@@ -1,8 +1,8 @@
-"""Turn first-order estimates into a source selection: random ensemble, linear surrogate, forward.
+"""The result of a selection: :class:`SourceSelection` (scores, kept sources, sampling weights), its JSON file
+format, and the score-to-weight rule every selector uses.
 
-All methods score every candidate source with an estimated target loss (lower is better) and return a
-:class:`SourceSelection`, which prints as a table, saves to JSON tied to its cache, filters a tagged
-dataset to the kept sources and gives per-example sampling weights.
+A :class:`SourceSelection` prints as a table, saves to JSON tied to its cache, filters a tagged dataset to the
+kept sources and gives per-example sampling weights.
 """
 
 from __future__ import annotations
@@ -16,11 +16,10 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..config import SelectConfig
-from ..io_utils import atomic_write_json, read_json
 from ..data.sources import SOURCE_COLUMN
+from ..io_utils import atomic_write_json, read_json
 
-__all__ = ["SourceSelection", "select_sources", "scores_to_weights", "SELECTION_FORMAT_VERSION"]
+__all__ = ["SourceSelection", "scores_to_weights", "cache_manifest", "SELECTION_FORMAT_VERSION"]
 
 SELECTION_FORMAT = "hf_subset_select.source_selection"
 SELECTION_FORMAT_VERSION = 1
@@ -288,160 +287,3 @@ def cache_manifest(cache: Any) -> dict[str, Any]:
         "cache_dim": int(cache.dim),
         "target_source": cache.target_source,
     }
-
-
-def _keep(names: list[str], scores: torch.Tensor, default_keep: torch.Tensor, cfg: SelectConfig) -> list[str]:
-    """Apply top_k / threshold / the method's default rule to loss-like scores (lower is better)."""
-    if cfg.top_k is not None:
-        if cfg.top_k > len(names):
-            raise ValueError(f"top_k={cfg.top_k} exceeds the number of candidate sources ({len(names)}).")
-        order = torch.argsort(torch.nan_to_num(scores, nan=math.inf), stable=True)[: cfg.top_k].tolist()
-        return [names[i] for i in sorted(order)]
-    if cfg.threshold is not None:
-        return [n for n, v in zip(names, scores.tolist()) if v < cfg.threshold]
-    return [n for n, k in zip(names, default_keep.tolist()) if k]
-
-
-def _random_membership(n: int, cfg: SelectConfig, need_nonempty: bool) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(cfg.seed)
-    m = torch.rand(cfg.num_subsets, n, generator=gen) < cfg.subset_ratio
-    if need_nonempty:
-        empty = torch.nonzero(~m.any(1)).flatten()
-        if empty.numel():
-            m[empty, torch.randint(0, n, (empty.numel(),), generator=gen)] = True
-    return m
-
-
-def select_sources(
-    estimator: Any,
-    method: str | None = None,
-    config: SelectConfig | None = None,
-    **kwargs: Any,
-) -> SourceSelection:
-    """Score the estimator's candidate sources and keep the helpful ones.
-
-    Args:
-        estimator: a :class:`~hf_subset_select.FirstOrderEstimator`.
-        method: "random_ensemble" (score = mean estimated loss of the random subsets containing the
-            source), "linear" (least-squares coefficient of the source in L̂ ≈ β0 + Σ β_k m_k) or
-            "forward" (greedy forward selection on L̂; score = L̂ right after the source was added).
-            Overrides ``config.method``.
-        config: a :class:`~hf_subset_select.SelectConfig`; keyword arguments override its fields
-            (``num_subsets``, ``subset_ratio``, ``top_k``, ``threshold``, ``seed``, ``temperature``).
-
-    Returns:
-        A :class:`SourceSelection`.
-    """
-    if config is None:
-        config = SelectConfig(**kwargs)
-    elif kwargs:
-        config = SelectConfig(**{**config.to_dict(), **kwargs})
-    if method is not None:
-        config = SelectConfig(**{**config.to_dict(), "method": method})
-    names = list(estimator.sources)
-    if not names:
-        raise ValueError("The estimator has no candidate sources to select from.")
-    n = len(names)
-    info: dict[str, Any] = {
-        "l2": estimator.resolved_l2(),
-        "l2_rule": estimator.l2_rule,
-        "step_scale": estimator.step_scale,
-        "solver": estimator.config.solver,
-        "base_loss": estimator.base_loss,
-    }
-    need_nonempty = estimator.forced_source is None
-    if config.method in ("random_ensemble", "linear"):
-        m = _random_membership(n, config, need_nonempty)
-        losses = estimator.estimate(m)
-        mf = m.to(torch.float64)
-        info.update(
-            num_subsets=int(m.shape[0]),
-            subset_ratio=config.subset_ratio,
-            seed=config.seed,
-            mean_estimated_loss=float(losses.mean()),
-        )
-        inside = mf.sum(0)
-        if bool((inside == 0).any()) or bool((inside == m.shape[0]).any()):
-            bad = [names[i] for i in torch.nonzero((inside == 0) | (inside == m.shape[0])).flatten().tolist()]
-            raise ValueError(
-                f"Source(s) {bad} were in none or in all of the {m.shape[0]} random subsets, so they cannot be "
-                "scored; raise num_subsets or move subset_ratio towards 0.5."
-            )
-        with_mean = (mf * losses[:, None]).sum(0) / inside
-        without_mean = ((1 - mf) * losses[:, None]).sum(0) / (m.shape[0] - inside)
-        effects = with_mean - without_mean
-        info["effects"] = {s: float(v) for s, v in zip(names, effects)}
-        if config.method == "random_ensemble":
-            scores = with_mean
-            default_keep = effects < 0
-        else:
-            design = torch.cat([torch.ones(m.shape[0], 1, dtype=torch.float64), mf], 1)
-            coef = torch.linalg.lstsq(design, losses[:, None]).solution.flatten()
-            fit = design @ coef
-            ss_res = float(((losses - fit) ** 2).sum())
-            ss_tot = float(((losses - losses.mean()) ** 2).sum())
-            info["intercept"] = float(coef[0])
-            info["r2"] = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
-            scores = coef[1:]
-            default_keep = scores < 0
-    elif config.method == "forward":
-        scores, path, path_losses, start = _forward_path(estimator, names)
-        info.update(path=path, path_losses=path_losses.tolist(), start_loss=start)
-        if config.top_k is not None:
-            if config.top_k > n:
-                raise ValueError(f"top_k={config.top_k} exceeds the number of candidate sources ({n}).")
-            chosen = set(path[: config.top_k])
-        elif config.threshold is not None:
-            chosen = {s for s, v in zip(names, scores.tolist()) if v < config.threshold}
-        else:  # the best subset along the greedy path (possibly the target alone)
-            best = int(torch.argmin(path_losses))
-            prefix = 0 if start <= float(path_losses[best]) else best + 1
-            chosen = set(path[:prefix])
-        return _finish(estimator, config, names, scores, [s for s in names if s in chosen], info)
-    else:  # SelectConfig validates the method already
-        raise ValueError(f"Unknown method {config.method!r}.")
-    selected = _keep(names, scores, default_keep, config)
-    return _finish(estimator, config, names, scores, selected, info)
-
-
-def _finish(
-    estimator: Any,
-    config: SelectConfig,
-    names: list[str],
-    scores: torch.Tensor,
-    selected: list[str],
-    info: dict,
-) -> SourceSelection:
-    score_dict = {s: float(v) for s, v in zip(names, scores.tolist())}
-    weights = scores_to_weights(score_dict, selected, lower_is_better=True, temperature=config.temperature)
-    manifest = cache_manifest(estimator.cache)
-    manifest["estimator_config"] = estimator.config.to_dict()
-    manifest["select_config"] = config.to_dict()
-    return SourceSelection(
-        method=config.method,
-        sources=names,
-        scores=score_dict,
-        selected=selected,
-        weights=weights,
-        target_source=estimator.target_source,
-        lower_is_better=True,
-        info=info,
-        manifest=manifest,
-    )
-
-
-def _forward_path(estimator: Any, names: list[str]) -> tuple[torch.Tensor, list[str], torch.Tensor, float]:
-    """Greedy forward selection over all candidates: the order sources are added and L̂ after each."""
-    chosen: list[str] = []
-    path_losses: list[float] = []
-    scores = torch.full((len(names),), math.nan, dtype=torch.float64)
-    start = float(estimator.estimate([[]])[0]) if estimator.forced_source is not None else math.inf
-    remaining = list(names)
-    while remaining:
-        losses = estimator.estimate([chosen + [s] for s in remaining])
-        j = int(torch.argmin(losses))
-        pick = remaining.pop(j)
-        chosen.append(pick)
-        path_losses.append(float(losses[j]))
-        scores[names.index(pick)] = float(losses[j])
-    return scores, chosen, torch.tensor(path_losses, dtype=torch.float64), start

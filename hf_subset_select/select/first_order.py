@@ -1,0 +1,168 @@
+"""Our selectors, which score sources by first-order estimates of the target loss (lower is better):
+
+* ``random_ensemble``: a source's score is the mean estimated loss of the random subsets that hold it;
+* ``linear``: its coefficient in a least-squares fit L̂ ≈ β0 + Σ β_k m_k over the random subsets;
+* ``forward``: greedy forward selection on L̂; its score is L̂ right after it was added.
+
+See ``docs/method.md`` for the definitions.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import abstractmethod
+from typing import Any
+
+import torch
+
+from ..config import SelectConfig
+from .base import Selector, SelectorScores
+from .registry import register_selector
+
+__all__ = ["RandomEnsembleSelector", "LinearSelector", "ForwardSelector"]
+
+
+class FirstOrderSelector(Selector):
+    """Base of the selectors that read the estimator's estimates: they record its λ and solver in the result."""
+
+    lower_is_better = True
+
+    def manifest(self, estimator: Any, config: SelectConfig) -> dict[str, Any]:
+        manifest = super().manifest(estimator, config)
+        manifest["estimator_config"] = estimator.config.to_dict()
+        return manifest
+
+    @staticmethod
+    def estimator_info(estimator: Any) -> dict[str, Any]:
+        """The estimator settings an estimate depends on: λ and its rule, the step scale, the solver, L̂(∅)."""
+        return {
+            "l2": estimator.resolved_l2(),
+            "l2_rule": estimator.l2_rule,
+            "step_scale": estimator.step_scale,
+            "solver": estimator.config.solver,
+            "base_loss": estimator.base_loss,
+        }
+
+
+class _SubsetEnsembleSelector(FirstOrderSelector):
+    """Estimates ``num_subsets`` random subsets (each source in with probability ``subset_ratio``) and derives
+    per-source effects: mean L̂ with the source minus mean L̂ without it."""
+
+    def score(self, estimator: Any, names: list[str], config: SelectConfig) -> SelectorScores:
+        membership = _random_membership(len(names), config, need_nonempty=estimator.forced_source is None)
+        losses = estimator.estimate(membership)
+        m = membership.to(torch.float64)
+        count = m.shape[0]
+        inside = m.sum(0)
+        unscorable = (inside == 0) | (inside == count)
+        if bool(unscorable.any()):
+            bad = [names[i] for i in torch.nonzero(unscorable).flatten().tolist()]
+            raise ValueError(
+                f"Source(s) {bad} were in none or in all of the {count} random subsets, so they cannot be "
+                "scored; raise num_subsets or move subset_ratio towards 0.5."
+            )
+        with_mean = (m * losses[:, None]).sum(0) / inside
+        without_mean = ((1 - m) * losses[:, None]).sum(0) / (count - inside)
+        effects = with_mean - without_mean
+        info = self.estimator_info(estimator)
+        info.update(
+            num_subsets=int(count),
+            subset_ratio=config.subset_ratio,
+            seed=config.seed,
+            mean_estimated_loss=float(losses.mean()),
+            effects={s: float(v) for s, v in zip(names, effects)},
+        )
+        return self.from_ensemble(names, m, losses, with_mean, effects, info)
+
+    @abstractmethod
+    def from_ensemble(
+        self,
+        names: list[str],
+        membership: torch.Tensor,
+        losses: torch.Tensor,
+        with_mean: torch.Tensor,
+        effects: torch.Tensor,
+        info: dict[str, Any],
+    ) -> SelectorScores:
+        """Turn the ensemble's statistics into scores and the default keep set."""
+
+
+@register_selector("random_ensemble")
+class RandomEnsembleSelector(_SubsetEnsembleSelector):
+    """Score = mean estimated loss of the random subsets that hold the source; by default keeps the sources whose
+    effect (mean with minus mean without) is negative."""
+
+    def from_ensemble(
+        self,
+        names: list[str],
+        membership: torch.Tensor,
+        losses: torch.Tensor,
+        with_mean: torch.Tensor,
+        effects: torch.Tensor,
+        info: dict[str, Any],
+    ) -> SelectorScores:
+        keep = [n for n, e in zip(names, effects.tolist()) if e < 0]
+        return SelectorScores(scores=with_mean, default_keep=keep, info=info)
+
+
+@register_selector("linear")
+class LinearSelector(_SubsetEnsembleSelector):
+    """Score = the source's coefficient in the least-squares fit L̂ ≈ β0 + Σ β_k m_k over the random subsets; by
+    default keeps the sources with a negative coefficient."""
+
+    def from_ensemble(
+        self,
+        names: list[str],
+        membership: torch.Tensor,
+        losses: torch.Tensor,
+        with_mean: torch.Tensor,
+        effects: torch.Tensor,
+        info: dict[str, Any],
+    ) -> SelectorScores:
+        design = torch.cat([torch.ones(membership.shape[0], 1, dtype=torch.float64), membership], 1)
+        coef = torch.linalg.lstsq(design, losses[:, None]).solution.flatten()
+        fit = design @ coef
+        ss_res = float(((losses - fit) ** 2).sum())
+        ss_tot = float(((losses - losses.mean()) ** 2).sum())
+        info["intercept"] = float(coef[0])
+        info["r2"] = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
+        scores = coef[1:]
+        keep = [n for n, c in zip(names, scores.tolist()) if c < 0]
+        return SelectorScores(scores=scores, default_keep=keep, info=info)
+
+
+@register_selector("forward")
+class ForwardSelector(FirstOrderSelector):
+    """Greedy forward selection on L̂ over all candidates. Score = L̂ right after the source was added; ``top_k``
+    keeps the first k sources of the greedy path; by default keeps the best prefix of the path (possibly none,
+    leaving the target's own data alone)."""
+
+    def score(self, estimator: Any, names: list[str], config: SelectConfig) -> SelectorScores:
+        chosen: list[str] = []
+        path_losses: list[float] = []
+        scores = torch.full((len(names),), math.nan, dtype=torch.float64)
+        start = float(estimator.estimate([[]])[0]) if estimator.forced_source is not None else math.inf
+        remaining = list(names)
+        while remaining:
+            losses = estimator.estimate([chosen + [s] for s in remaining])
+            j = int(torch.argmin(losses))
+            pick = remaining.pop(j)
+            chosen.append(pick)
+            path_losses.append(float(losses[j]))
+            scores[names.index(pick)] = float(losses[j])
+        best = min(range(len(path_losses)), key=path_losses.__getitem__)
+        prefix = 0 if start <= path_losses[best] else best + 1
+        info = self.estimator_info(estimator)
+        info.update(path=list(chosen), path_losses=path_losses, start_loss=start)
+        return SelectorScores(scores=scores, default_keep=chosen[:prefix], order=chosen, info=info)
+
+
+def _random_membership(n: int, config: SelectConfig, need_nonempty: bool) -> torch.Tensor:
+    """``num_subsets`` x ``n`` seeded membership matrix; with ``need_nonempty`` every subset holds a source."""
+    gen = torch.Generator().manual_seed(config.seed)
+    m = torch.rand(config.num_subsets, n, generator=gen) < config.subset_ratio
+    if need_nonempty:
+        empty = torch.nonzero(~m.any(1)).flatten()
+        if empty.numel():
+            m[empty, torch.randint(0, n, (empty.numel(),), generator=gen)] = True
+    return m

@@ -1,7 +1,7 @@
 """First-order estimates of the target loss after fine-tuning on a subset of sources.
 
 For a subset S of sources, fine-tuning from θ* is replaced by an L2-regularized logistic regression
-on the linearized outputs z_i(w) = f_i + g_iᵀw of the subset's training rows (docs/method.md, section 1):
+on the linearized outputs z_i(w) = f_i + g_iᵀw of the subset's training rows (docs/method.md, section 2):
 
     ŵ_S = argmin_w  c_S Σ_{i ∈ D_S} log(1 + exp(-z_i(w))) + (λ/2) ||w||²
 

@@ -28,7 +28,9 @@ from .problem import LinearizedProblem
 
 __all__ = ["Solver", "FastSolver", "ExactSolver", "SOLVERS", "get_solver", "quadratic_step"]
 
-SolveResult = tuple[torch.Tensor, "torch.Tensor | None", dict[str, Any]]
+# (Δz or post(Δz), ŵ or None, diagnostics)
+SolveResult = tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]
+_EXACT_CHUNK = 64  # subsets per Newton-CG batch: its (B, N) and (B, d) iterates stay small
 
 
 class Solver:
@@ -207,7 +209,7 @@ class ExactSolver(Solver):
     name = "exact"
 
     def chunk_size(self, problem: LinearizedProblem) -> int:
-        return 64
+        return _EXACT_CHUNK
 
     def solve(self, problem: LinearizedProblem, m: torch.Tensor, l2: float, *, want_w: bool) -> SolveResult:
         w, info = self.fit(problem, m, l2)

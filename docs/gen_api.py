@@ -44,6 +44,8 @@ GROUPS = [
         "Estimation and selection",
         [
             "FirstOrderEstimator",
+            "calibrate",
+            "forward_check",
             "select_sources",
             "SourceSelection",
             "gradient_similarity_selection",

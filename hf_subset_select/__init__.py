@@ -48,6 +48,8 @@ _EXPORTS: dict[str, str] = {
     "PreconditionerError": "collect.precondition",
     # estimate/estimator.py / select/registry.py / select/selection.py / select/baselines.py
     "FirstOrderEstimator": "estimate.estimator",
+    "calibrate": "estimate.validation",
+    "forward_check": "estimate.validation",
     "select_sources": "select.registry",
     "SourceSelection": "select.selection",
     "gradient_similarity_selection": "select.baselines",
@@ -100,6 +102,7 @@ if TYPE_CHECKING:  # pragma: no cover - static re-exports for type checkers and 
     from .collect.collector import GradientCollector
     from .config import CollectConfig, EstimatorConfig, MetaInitConfig, SelectConfig
     from .estimate.estimator import FirstOrderEstimator
+    from .estimate.validation import calibrate, forward_check
     from .data.trainers import (
         BookkeepingColumnsError,
         SubsetSelectSFTTrainer,

@@ -404,89 +404,9 @@ class EstimatorConfig(ConfigMixin):
             num_train_examples: training rows of every source together (needed for epoch-based runs).
             **fields: other :class:`EstimatorConfig` fields (they win over what is read from ``args``).
         """
-        import math
+        from .estimate.regularization import budget_fields_from_training_args
 
-        import torch
-        from transformers.optimization import get_scheduler
-
-        optim = str(getattr(args.optim, "value", args.optim)).lower()
-        if optim.startswith("sgd"):
-            optimizer = "sgd"
-        elif "adam" in optim:
-            optimizer = "adamw"
-        else:
-            raise ValueError(
-                f"The budget λ rule models AdamW and SGD fine-tunes, not optim={optim!r}. Set EstimatorConfig.l2 "
-                "yourself, or calibrate() the estimator on a few real fine-tunes."
-            )
-        # what the Trainer steps with: per device (x GPUs under DataParallel) x accumulation x processes
-        batch = int(args.train_batch_size) * args.gradient_accumulation_steps * max(args.world_size, 1)
-        if args.max_steps is not None and args.max_steps > 0:
-            steps, reduction = int(args.max_steps), "mean"
-        else:
-            if num_train_examples is None or num_train_examples <= 0:
-                raise ValueError(
-                    "These TrainingArguments run for num_train_epochs (max_steps is not set), so the number of steps "
-                    "depends on the data: pass num_train_examples= (the training rows of all sources, e.g. "
-                    "int(cache.train_mask.sum())), or set max_steps."
-                )
-            per_epoch = max(math.ceil(num_train_examples / batch), 1)
-            steps, reduction = max(math.ceil(args.num_train_epochs * per_epoch), 1), "sum"
-        lr = float(args.learning_rate)
-        if not lr > 0:
-            raise ValueError(
-                f"The TrainingArguments have learning_rate={lr!r}; the budget rule needs a positive one."
-            )
-        kind = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
-        if kind in (
-            "reduce_lr_on_plateau",
-            "greedy",
-        ):  # they follow metrics nobody has yet: taken as constant
-            mean_lr = lr
-        else:
-            param = torch.nn.Parameter(torch.zeros(1))
-            optimizer_obj = torch.optim.SGD([param], lr=lr)
-            scheduler = get_scheduler(
-                args.lr_scheduler_type,
-                optimizer=optimizer_obj,
-                num_warmup_steps=args.get_warmup_steps(steps),
-                num_training_steps=steps,
-                scheduler_specific_kwargs=dict(args.lr_scheduler_kwargs or {}),
-            )
-            lambdas = getattr(scheduler, "lr_lambdas", None)
-            if lambdas is not None and len(lambdas) == 1:  # transformers' schedules: lr(t) = lr * λ(t)
-                mean_lr = lr * sum(float(lambdas[0](t)) for t in range(steps)) / steps
-            else:
-                total = 0.0
-                for _ in range(steps):
-                    total += float(optimizer_obj.param_groups[0]["lr"])
-                    optimizer_obj.step()
-                    scheduler.step()
-                mean_lr = total / steps
-        if not mean_lr > 0:
-            raise ValueError(
-                "The learning-rate schedule of these TrainingArguments is zero at every step; the budget rule needs "
-                "a fine-tune that moves."
-            )
-        values: dict[str, Any] = {
-            "finetune_lr": mean_lr,
-            "finetune_steps": steps,
-            "finetune_optimizer": optimizer,
-            "finetune_batch_size": batch,
-            "reduction": reduction,
-        }
-        if "reduction" in fields and fields["reduction"] != reduction:
-            raise ValueError(
-                f"reduction={fields['reduction']!r} does not match how these TrainingArguments count steps: "
-                + (
-                    "max_steps is set, so every subset gets the same steps (reduction='mean')."
-                    if reduction == "mean"
-                    else "they run epochs, so a bigger subset takes more steps (reduction='sum')."
-                )
-                + " Drop the reduction argument, or set finetune_lr/finetune_steps yourself."
-            )
-        values.update(fields)
-        return cls(**values)
+        return cls(**budget_fields_from_training_args(args, num_train_examples, **fields))
 
 
 @dataclass

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from hf_subset_select import (
     CollectConfig,
+    EstimatorConfig,
     FirstOrderEstimator,
     GradientCache,
     GradientCacheError,
@@ -28,6 +29,7 @@ from hf_subset_select.collect.per_example import collate_examples, trainable_par
 from hf_subset_select.collect.precondition import preconditioner_sha256
 from hf_subset_select.collect.projection import make_projector
 from hf_subset_select.demo.toy import add_lora, make_tiny_causal_lm
+from hf_subset_select.estimate import forward_check
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -212,12 +214,16 @@ def test_raw_cache_records_adams_step_scalars_for_the_budget_rule(tmp_path, toy_
     loaded.take(loaded.split >= 0).save(tmp_path / "copy")  # a derived cache keeps them
     copy = GradientCache.load(tmp_path / "copy")
     assert copy.manifest["precondition"]["adam_scalars"] == pytest.approx(expected, rel=1e-9)
-    est = FirstOrderEstimator(copy, finetune_lr=1e-3, finetune_steps=20, finetune_batch_size=4)
+    est = FirstOrderEstimator(
+        copy, EstimatorConfig(finetune_lr=1e-3, finetune_steps=20, finetune_batch_size=4)
+    )
     kappa = est.adam_noise_scale(4)
     assert est.budget_step_size() == pytest.approx(1e-3 / (expected["denominator"] * kappa))
     assert est.resolved_l2() == pytest.approx(expected["denominator"] * kappa / (1e-3 * 20))
     assert est.l2_rule == "budget"
-    sgd = FirstOrderEstimator(copy, finetune_lr=1e-3, finetune_steps=20, finetune_optimizer="sgd")
+    sgd = FirstOrderEstimator(
+        copy, EstimatorConfig(finetune_lr=1e-3, finetune_steps=20, finetune_optimizer="sgd")
+    )
     assert sgd.resolved_l2() == pytest.approx(50.0)
     # Adam geometry records the same scalars next to its preconditioner
     adam = GradientCollector(
@@ -334,9 +340,9 @@ def test_forward_check_moves_parameters_by_s_times_p_w(tmp_path, toy_sources, to
     cache = GradientCollector(_config(max_length=32), train, target_eval, tokenizer).collect(
         model, output_dir=tmp_path / "gc", preconditioner=scale
     )
-    est = FirstOrderEstimator(cache, trust_radius=0.3)
+    est = FirstOrderEstimator(cache, EstimatorConfig(trust_radius=0.3))
     subsets = [["sub"], ["sub", "rev"]]
-    real = est.forward_check(model, subsets, target_eval, tokenizer=tokenizer)
+    real = forward_check(est, model, subsets, target_eval, tokenizer=tokenizer)
 
     named = trainable_parameters(model)
     projector = make_projector("rademacher", 64, 0, [(n, tuple(p.shape)) for n, p in named])

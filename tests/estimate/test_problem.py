@@ -1,0 +1,120 @@
+"""The linearized problem: candidate and forced sources, membership parsing, cache checks, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_subset_select import EstimatorConfig, FirstOrderEstimator, GradientCacheError
+from hf_subset_select.demo.synthetic import make_synthetic_cache
+from hf_subset_select.estimate.problem import LinearizedProblem
+
+
+def test_subsets_as_names_or_matrix_and_forced_target_source():
+    cache = make_synthetic_cache(dim=16, seed=5)
+    est = FirstOrderEstimator(cache)
+    assert est.forced_source == "target_train" and "target_train" not in est.sources
+    names = [["aligned_0", "opposed_1"], ["orthogonal_0"]]
+    m = torch.zeros(2, len(est.sources), dtype=torch.bool)
+    m[0, est.sources.index("aligned_0")] = m[0, est.sources.index("opposed_1")] = True
+    m[1, est.sources.index("orthogonal_0")] = True
+    assert torch.allclose(est.estimate(names), est.estimate(m))
+    # naming the forced target source changes nothing; the empty subset means "target alone"
+    assert torch.allclose(est.estimate([["orthogonal_0", "target_train"]]), est.estimate([["orthogonal_0"]]))
+    assert est.estimate([[]]).shape == (1,)
+    # switching the option off makes the target source an ordinary candidate
+    free = FirstOrderEstimator(cache, EstimatorConfig(include_target_train=False, l2=est.resolved_l2()))
+    assert "target_train" in free.sources and free.forced_source is None
+    assert torch.allclose(
+        free.estimate([["orthogonal_0", "target_train"]]), est.estimate([["orthogonal_0"]]), rtol=1e-5
+    )
+    assert not torch.allclose(free.estimate([["orthogonal_0"]]), est.estimate([["orthogonal_0"]]), rtol=1e-3)
+
+
+def test_membership_and_statistics_of_the_problem():
+    cache = make_synthetic_cache(dim=8, seed=18)
+    problem = LinearizedProblem(cache, EstimatorConfig())
+    m = problem.membership([["aligned_0", "opposed_1"]])
+    assert m.shape == (1, len(problem.sources) + 1) and m[0, -1] == 1.0  # the forced column
+    assert problem.names(m) == [["aligned_0", "opposed_1"]]
+    assert problem.order[-1] == "target_train"
+    assert int(problem.counts.sum()) == int(cache.train_mask.sum())
+    assert torch.allclose(problem.scale(m), 1.0 / (m @ problem.counts))
+    # the per-source gradient sums are the rows' -σ(-f_i) g_i added up by source
+    st = problem.statistics()
+    j = problem.sources.index("aligned_0")
+    rows = problem.row_source == j
+    expected = -(torch.sigmoid(-problem.outputs[rows])[:, None] * problem.features[rows].double()).sum(0)
+    assert torch.allclose(st.grad[j], expected)
+    assert st.basis is None and st.rank == 8
+    assert problem.statistics() is st  # computed once
+    with pytest.raises(TypeError, match="GradientCache.load"):
+        LinearizedProblem("grad_cache", EstimatorConfig())
+
+
+# ---------------------------------------------------------------------- bad input
+def test_empty_subset_error():
+    cache = make_synthetic_cache(dim=8, target_train_examples=0, seed=9)
+    est = FirstOrderEstimator(cache)
+    with pytest.raises(ValueError, match="empty.*Add at least one source"):
+        est.estimate([["aligned_0"], []])
+    with pytest.raises(ValueError, match="empty"):
+        est.estimate(torch.zeros(1, len(est.sources), dtype=torch.bool))
+
+
+def test_unknown_source_error():
+    est = FirstOrderEstimator(make_synthetic_cache(dim=8, seed=10))
+    with pytest.raises(ValueError, match="Unknown source 'nope'.*aligned_0"):
+        est.estimate([["aligned_0", "nope"]])
+    with pytest.raises(TypeError, match="list of subsets"):
+        est.estimate(["aligned_0", "opposed_0"])
+
+
+def test_no_target_split_error():
+    cache = make_synthetic_cache(dim=8, seed=11)
+    train_only = cache.take(cache.train_mask)
+    with pytest.raises(ValueError, match="no target split.*target_dataset"):
+        FirstOrderEstimator(train_only)
+
+
+def test_dimension_mismatch_errors():
+    cache = make_synthetic_cache(dim=8, seed=12)
+    est = FirstOrderEstimator(cache)
+    with pytest.raises(ValueError, match="Dimension mismatch.*one column per candidate"):
+        est.estimate(torch.ones(2, len(est.sources) + 1, dtype=torch.bool))
+    other = make_synthetic_cache(dim=12, seed=12)
+    with pytest.raises(ValueError, match="Dimension mismatch.*same CollectConfig"):
+        FirstOrderEstimator(cache, target=other)
+
+
+def test_target_cache_in_another_geometry_is_refused():
+    cache = make_synthetic_cache(dim=8, seed=12)
+    same = make_synthetic_cache(dim=8, seed=12)
+    FirstOrderEstimator(cache, target=same)  # both raw gradients: fine
+    same.manifest["precondition"] = {"kind": "adam", "sha256": "0" * 64, "step": 3}
+    with pytest.raises(
+        ValueError, match="scaled their gradients differently.*same CollectConfig.precondition"
+    ):
+        FirstOrderEstimator(cache, target=same)
+
+
+def test_target_cache_with_another_projection_is_refused():
+    cache = make_synthetic_cache(dim=8, seed=12)
+    other = make_synthetic_cache(dim=8, seed=12)
+    cache.manifest["projection"] = {"kind": "rademacher", "dim": 8, "seed": 0}
+    other.manifest["projection"] = {"kind": "rademacher", "dim": 8, "seed": 1}
+    with pytest.raises(ValueError, match="different projections.*Re-collect"):
+        FirstOrderEstimator(cache, target=other)
+
+
+def test_nan_errors():
+    cache = make_synthetic_cache(dim=8, seed=13)
+    cache.features[3, 2] = float("nan")
+    with pytest.raises(GradientCacheError, match="NaN.*Re-collect"):
+        FirstOrderEstimator(cache)
+    good = make_synthetic_cache(dim=8, seed=13)
+    est = FirstOrderEstimator(good)
+    m = torch.ones(1, len(est.sources))
+    m[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        est.estimate(m)

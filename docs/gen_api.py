@@ -7,65 +7,41 @@ import inspect
 import hf_subset_select as h
 
 GROUPS = [
+    ("Settings", ["MetaInitConfig", "CollectConfig", "EstimatorConfig", "SelectConfig"]),
     (
-        "Sources and bookkeeping",
+        "0. Data: tagging sources, keeping the bookkeeping columns",
         [
             "tag_sources",
             "tag_target_eval",
-            "source_counts",
-            "SOURCE_COLUMN",
-            "EXAMPLE_ID_COLUMN",
-            "BOOKKEEPING_COLUMNS",
             "SubsetSelectTrainer",
             "SubsetSelectSFTTrainer",
             "SubsetSelectTrainerMixin",
-            "check_bookkeeping",
             "BookkeepingColumnsError",
         ],
     ),
-    ("Configs", ["MetaInitConfig", "CollectConfig", "EstimatorConfig", "SelectConfig"]),
-    ("Meta initialization θ*", ["MetaInitCallback", "load_meta_init", "MetaInitManifestError"]),
     (
-        "Gradient cache",
-        [
-            "GradientCollector",
-            "GradientCache",
-            "GradientCacheError",
-            "adam_preconditioner",
-            "adam_step_scalars",
-            "PreconditionerError",
-            "token_log_odds_output",
-            "sequence_log_odds_output",
-            "classification_margin_output",
-            "make_projector",
-        ],
+        "1-2. Meta initialization θ* and the gradient cache",
+        ["MetaInitCallback", "load_meta_init", "GradientCollector", "GradientCache", "GradientCacheError"],
     ),
-    (
-        "Estimation and selection",
-        [
-            "FirstOrderEstimator",
-            "calibrate",
-            "forward_check",
-            "select_sources",
-            "SourceSelection",
-            "gradient_similarity_selection",
-            "representation_similarity_selection",
-            "random_selection",
-            "make_synthetic_cache",
-        ],
-    ),
-    (
-        "Target fine-tune",
-        [
-            "SubsetSelectingDataCollator",
-            "WeightedLossTrainer",
-            "WeightedLossSFTTrainer",
-            "WeightedLossTrainerMixin",
-            "SourceWeightedSampler",
-            "example_weights",
-            "EXAMPLE_WEIGHT_KEY",
-        ],
-    ),
+    ("3. Estimation", ["FirstOrderEstimator", "calibrate", "forward_check"]),
+    ("4. Selection", ["select_sources", "SourceSelection"]),
+    ("5. The target fine-tune", ["SubsetSelectingDataCollator", "WeightedLossTrainer", "WeightedLossSFTTrainer"]),
+]
+
+# Extension points and building blocks that are not top-level names: where they live.
+MODULES = [
+    ("hf_subset_select.data.sources", "column names (`SOURCE_COLUMN`, `EXAMPLE_ID_COLUMN`), `source_counts`"),
+    ("hf_subset_select.collect.outputs", "output functions f (by name, or your own callable)"),
+    ("hf_subset_select.collect.projection", "projectors (Rademacher, Gaussian, sparse JL, identity)"),
+    ("hf_subset_select.collect.precondition", "Adam geometry: `adam_preconditioner`, `adam_step_scalars`"),
+    ("hf_subset_select.estimate.solvers", "solvers behind one interface (`Solver`, fast and exact)"),
+    ("hf_subset_select.estimate.regularization", "λ policies (fixed, trust radius, budget)"),
+    ("hf_subset_select.select.base", "the `Selector` base class and the shared keep rule"),
+    ("hf_subset_select.select.registry", "`register_selector`: add a selector by name"),
+    ("hf_subset_select.select.baselines", "gradient similarity, representation similarity, random"),
+    ("hf_subset_select.train.weighted_loss", "`WeightedLossTrainerMixin`, `example_weights`"),
+    ("hf_subset_select.train.sampler", "`SourceWeightedSampler`"),
+    ("hf_subset_select.demo.synthetic", "`make_synthetic_cache`: caches with a known answer, for tests"),
 ]
 
 
@@ -107,6 +83,10 @@ def main() -> None:
                 ]
                 if members:
                     print("Public members: " + ", ".join(f"`{m}`" for m in members) + "\n")
+    print("## Building blocks and extension points\n")
+    print("Not top-level names; import them from their module.\n")
+    for module, what in MODULES:
+        print(f"- `{module}`: {what}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,19 @@
 """hf-subset-select: choose auxiliary data sources for a target task from cached projected gradients.
 
-The public names below are re-exported lazily (importing the package does not import torch or
-transformers until a name is used), in the style of transformers' own lazy module.
+The pipeline, one subpackage per step:
+
+* :mod:`hf_subset_select.data`: tag every source's rows (``tag_sources``), keep the bookkeeping columns through
+  the Trainer (``SubsetSelectTrainer`` / ``SubsetSelectSFTTrainer``);
+* :mod:`hf_subset_select.collect`: the meta initialization θ* (``MetaInitCallback``) and the gradient cache
+  (``GradientCollector`` -> ``GradientCache``);
+* :mod:`hf_subset_select.estimate`: the first-order estimate of any subset's fine-tuning loss
+  (``FirstOrderEstimator``), checked against real models (``calibrate``, ``forward_check``);
+* :mod:`hf_subset_select.select`: sources scored and kept (``select_sources`` -> ``SourceSelection``);
+* :mod:`hf_subset_select.train`: the target fine-tune filters or weights sources
+  (``SubsetSelectingDataCollator``, ``WeightedLossTrainer`` / ``WeightedLossSFTTrainer``).
+
+The names below are the public API, re-exported lazily (importing the package does not import torch or
+transformers until a name is used). Everything else lives in the subpackages.
 """
 
 from __future__ import annotations
@@ -11,59 +23,37 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-# public name -> module that defines it
+# public name -> module that defines it, in pipeline order
 _EXPORTS: dict[str, str] = {
-    # config.py
+    # settings
     "MetaInitConfig": "config",
     "CollectConfig": "config",
     "EstimatorConfig": "config",
     "SelectConfig": "config",
-    # sources.py
+    # 0. data
     "tag_sources": "data.sources",
     "tag_target_eval": "data.sources",
-    "source_counts": "data.sources",
-    "SOURCE_COLUMN": "data.sources",
-    "EXAMPLE_ID_COLUMN": "data.sources",
-    "BOOKKEEPING_COLUMNS": "data.sources",
-    # guard.py
-    "BookkeepingColumnsError": "data.trainers",
     "SubsetSelectTrainerMixin": "data.trainers",
     "SubsetSelectTrainer": "data.trainers",
     "SubsetSelectSFTTrainer": "data.trainers",
-    "check_bookkeeping": "data.trainers",
-    # meta_init.py
+    "BookkeepingColumnsError": "data.trainers",
+    # 1-2. θ* and the gradient cache
     "MetaInitCallback": "collect.meta_init",
     "load_meta_init": "collect.meta_init",
-    "MetaInitManifestError": "collect.meta_init",
-    # outputs.py / projection.py / per_example.py / cache.py / collector.py
-    "token_log_odds_output": "collect.outputs",
-    "sequence_log_odds_output": "collect.outputs",
-    "classification_margin_output": "collect.outputs",
-    "make_projector": "collect.projection",
+    "GradientCollector": "collect.collector",
     "GradientCache": "collect.cache",
     "GradientCacheError": "collect.cache",
-    "GradientCollector": "collect.collector",
-    "adam_preconditioner": "collect.precondition",
-    "adam_step_scalars": "collect.precondition",
-    "PreconditionerError": "collect.precondition",
-    # estimate/estimator.py / select/registry.py / select/selection.py / select/baselines.py
+    # 3. estimate
     "FirstOrderEstimator": "estimate.estimator",
     "calibrate": "estimate.validation",
     "forward_check": "estimate.validation",
+    # 4. select
     "select_sources": "select.registry",
     "SourceSelection": "select.selection",
-    "gradient_similarity_selection": "select.baselines",
-    "representation_similarity_selection": "select.baselines",
-    "random_selection": "select.baselines",
-    "make_synthetic_cache": "demo.synthetic",
-    # train/collator.py / weighted_loss.py / sampler.py
+    # 5. the target fine-tune
     "SubsetSelectingDataCollator": "train.collator",
-    "WeightedLossTrainerMixin": "train.weighted_loss",
     "WeightedLossTrainer": "train.weighted_loss",
     "WeightedLossSFTTrainer": "train.weighted_loss",
-    "SourceWeightedSampler": "train.sampler",
-    "example_weights": "train.weighted_loss",
-    "EXAMPLE_WEIGHT_KEY": "train.weighted_loss",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -84,44 +74,20 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - static re-exports for type checkers and IDEs
-    from .select.baselines import (
-        gradient_similarity_selection,
-        random_selection,
-        representation_similarity_selection,
-    )
     from .collect.cache import GradientCache, GradientCacheError
-    from .train.collator import SubsetSelectingDataCollator
-    from .train.sampler import SourceWeightedSampler
-    from .train.weighted_loss import (
-        EXAMPLE_WEIGHT_KEY,
-        WeightedLossSFTTrainer,
-        WeightedLossTrainer,
-        WeightedLossTrainerMixin,
-        example_weights,
-    )
     from .collect.collector import GradientCollector
+    from .collect.meta_init import MetaInitCallback, load_meta_init
     from .config import CollectConfig, EstimatorConfig, MetaInitConfig, SelectConfig
-    from .estimate.estimator import FirstOrderEstimator
-    from .estimate.validation import calibrate, forward_check
+    from .data.sources import tag_sources, tag_target_eval
     from .data.trainers import (
         BookkeepingColumnsError,
         SubsetSelectSFTTrainer,
         SubsetSelectTrainer,
         SubsetSelectTrainerMixin,
-        check_bookkeeping,
     )
-    from .collect.meta_init import MetaInitCallback, MetaInitManifestError, load_meta_init
-    from .collect.outputs import classification_margin_output, sequence_log_odds_output, token_log_odds_output
-    from .collect.precondition import PreconditionerError, adam_preconditioner, adam_step_scalars
-    from .collect.projection import make_projector
+    from .estimate.estimator import FirstOrderEstimator
+    from .estimate.validation import calibrate, forward_check
     from .select.registry import select_sources
     from .select.selection import SourceSelection
-    from .data.sources import (
-        BOOKKEEPING_COLUMNS,
-        EXAMPLE_ID_COLUMN,
-        SOURCE_COLUMN,
-        source_counts,
-        tag_sources,
-        tag_target_eval,
-    )
-    from .demo.synthetic import make_synthetic_cache
+    from .train.collator import SubsetSelectingDataCollator
+    from .train.weighted_loss import WeightedLossSFTTrainer, WeightedLossTrainer

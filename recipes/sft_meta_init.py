@@ -63,7 +63,8 @@ class MetaInitRecipeArguments:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from trl import ModelConfig, SFTConfig
 
-    from hf_subset_select import GradientCollector, MetaInitCallback, SubsetSelectSFTTrainer, source_counts
+    from hf_subset_select import GradientCollector, MetaInitCallback, SubsetSelectSFTTrainer
+    from hf_subset_select.data.sources import source_counts
 
     if argv is not None:
         sys.argv[1:] = argv

@@ -90,7 +90,7 @@ class GradientCache:
         representations: optional per-example mean last hidden states (N, h), for baselines.
         preconditioner: optional feature scale ``s`` per trainable parameter (``{name: tensor}``): the features
             are ``Pᵀ(s ⊙ ∇f)``, and a fitted step ``w`` maps to parameters as ``s ⊙ (P w)``
-            (see :func:`~hf_subset_select.adam_preconditioner`). None: raw gradients.
+            (see :func:`~hf_subset_select.collect.precondition.adam_preconditioner`). None: raw gradients.
     """
 
     def __init__(

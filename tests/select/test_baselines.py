@@ -4,15 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from hf_subset_select import (
-    EstimatorConfig,
-    FirstOrderEstimator,
-    SelectConfig,
-    gradient_similarity_selection,
-    random_selection,
-    representation_similarity_selection,
-    select_sources,
-)
+from hf_subset_select import EstimatorConfig, FirstOrderEstimator, SelectConfig, select_sources
+from hf_subset_select.select.baselines import gradient_similarity_selection, random_selection, representation_similarity_selection
 from hf_subset_select.demo.synthetic import make_synthetic_cache
 
 ALIGNED = ["aligned_0", "aligned_1"]

@@ -45,3 +45,62 @@ def toy_sources():
     )
     target_eval = tag_target_eval(toy_text_dataset("add", 6, seed=99), name="add_eval")
     return train, target_eval
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and spinning threads stall on a shared 2-core CPU.
+
+    Use it per module with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def theta_star():
+    """Turn a freshly wrapped LoRA model into a stand-in θ*: LoRA B made non-zero (as after training), so that
+    every LoRA gradient is non-trivial. Returns the model in eval mode."""
+
+    def make(model, seed: int = 1, scale: float = 0.1):
+        import torch
+
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * scale)
+        return model.eval()
+
+    return make
+
+
+@pytest.fixture
+def torchrun(tmp_path):
+    """Run a worker script in 2 fresh processes with gloo (``torchrun --standalone --nproc_per_node 2``).
+
+    Fresh interpreters, not a fork of the test process: forking after torch has started its intra-op threads can
+    deadlock the children. Returns a function ``run(script_text, args, timeout=300)``; a failure shows the output.
+    """
+    import subprocess
+    import sys
+
+    def run(script: str, args: list[str] = (), timeout: int = 300) -> subprocess.CompletedProcess:
+        path = tmp_path / "worker.py"
+        path.write_text(script)
+        env = dict(
+            os.environ,
+            CUDA_VISIBLE_DEVICES="",
+            OMP_NUM_THREADS="1",
+            HF_HUB_OFFLINE="1",
+            HF_DATASETS_OFFLINE="1",
+        )
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(path)]
+        proc = subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=timeout)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        return proc
+
+    return run

@@ -15,17 +15,6 @@ from hf_subset_select.demo.tasks import (
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """Tiny models train several times faster on one thread than on two contended ones."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
 def tasks():
     return make_demo_tasks("test", seed=0)
 

@@ -425,32 +425,8 @@ if trainer.is_world_process_zero():
 """
 
 
-def _torchrun(script, args, tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    path = tmp_path / "worker.py"
-    path.write_text(script)
-    env = dict(
-        os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"
-    )
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(path),
-        *args,
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-
-
 @pytest.mark.multiprocess
-def test_two_process_step_equals_single_process(tokenized, tmp_path):
+def test_two_process_step_equals_single_process(tokenized, tmp_path, torchrun):
     import os
 
     from transformers import TrainingArguments
@@ -458,7 +434,7 @@ def test_two_process_step_equals_single_process(tokenized, tmp_path):
     tokenized.save_to_disk(str(tmp_path / "data"))
     out = tmp_path / "ddp_params.pt"
     tests_dir = os.path.dirname(os.path.abspath(__file__))
-    _torchrun(_DDP_WORKER, [tests_dir, str(tmp_path / "data"), str(out)], tmp_path)
+    torchrun(_DDP_WORKER, [tests_dir, str(tmp_path / "data"), str(out)])
     single, _ = _train(
         WeightedLossTrainer,
         TrainingArguments,

@@ -285,26 +285,8 @@ def _report(
     )
 
     aux = list(estimator.sources)
-    kept = set(selection.selected)
-
-    def verdict(source: str) -> str:
-        role = tasks.roles.get(source)
-        good = (role == "helpful" and source in kept) or (role == "harmful" and source not in kept)
-        return "ok" if good or role == "irrelevant" else "WRONG"
-
-    source_headers = [
-        "source",
-        "true role",
-        "ensemble score (mean est. loss)",
-        "forward decision",
-        "weight",
-        "check",
-    ]
-    source_rows = [
-        [s, tasks.roles.get(s, "?"), ensemble.scores[s], "kept" if s in kept else "dropped",
-         selection.weights.get(s, 0.0), verdict(s)]
-        for s in ensemble.ranking
-    ]  # fmt: skip
+    source_headers = _SOURCE_HEADERS
+    source_rows = _source_rows(tasks, ensemble, selection)
     estimated = {n: c["estimated"] for n, c in checks.items()}
     true_loss = {n: c["true"] for n, c in checks.items()}
     base_loss = float(estimator.base_loss)
@@ -327,21 +309,7 @@ def _report(
         list(estimated.values()), list(true_loss.values()), os.path.join(out, "estimate_vs_true.png"),
         labels=list(checks),
     )  # fmt: skip
-    harmful_kept = [s for s in aux if tasks.roles.get(s) == "harmful" and s in kept]
-    helpful_dropped = [s for s in aux if tasks.roles.get(s) == "helpful" and s not in kept]
-    summary = (
-        f"Kept {len(selection.selected)}/{len(aux)} sources ({', '.join(selection.selected) or 'none'}). "
-        + (f"Harmful sources kept: {harmful_kept}. " if harmful_kept else "Every harmful source dropped. ")
-        + (
-            f"Helpful sources dropped: {helpful_dropped}."
-            if helpful_dropped
-            else "Every helpful source kept."
-        )
-        + f"\n\nSelection from {knobs['num_subsets']} estimated subsets took {select_seconds:.2f}s "
-        f"on the CPU; the gradient cache has {cache.num_examples} rows at d = {cache.dim}. The method saw the "
-        f"target's dev split ({len(tasks.target_dev)} rows) only; the target fine-tunes are scored on the "
-        f"held-out test split ({len(tasks.target_test)} rows)."
-    )
+    summary = _summary(tasks, aux, selection, cache, knobs, select_seconds)
     sections = [
         ("Summary", summary),
         (
@@ -387,18 +355,68 @@ def _report(
     }
     atomic_write_json(os.path.join(out, "results.json"), results)
 
-    print()
-    print(format_table(source_headers, source_rows))
-    print()
-    print(format_table(check_headers, check_rows))
-    print(
-        f"Spearman(estimated, true) = {spearman:.3f}; mean relative error {rel:.2%} (no-change baseline {nochange:.2%})"
-    )
-    print()
-    print(format_table(final_headers, final_rows))
-    print()
-    print(
+    _print_tables(
+        format_table(source_headers, source_rows),
+        format_table(check_headers, check_rows),
+        f"Spearman(estimated, true) = {spearman:.3f}; mean relative error {rel:.2%} (no-change baseline "
+        f"{nochange:.2%})",
+        format_table(final_headers, final_rows),
         f"Report: {report}"
-        + (" (with plots)" if scores_png else " (install hf-subset-select[plot] for plots)")
+        + (" (with plots)" if scores_png else " (install hf-subset-select[plot] for plots)"),
     )
     return results
+
+
+def _print_tables(*blocks: str) -> None:
+    """The demo's closing tables and lines on stdout, separated by blank lines."""
+    for block in blocks:
+        print()
+        print(block)
+
+
+def _summary(
+    tasks: Any, aux: list[str], selection: Any, cache: Any, knobs: dict[str, Any], select_seconds: float
+) -> str:
+    """The report's opening paragraph: what was kept, how long selection took, which splits were used."""
+    kept = set(selection.selected)
+    harmful_kept = [s for s in aux if tasks.roles.get(s) == "harmful" and s in kept]
+    helpful_dropped = [s for s in aux if tasks.roles.get(s) == "helpful" and s not in kept]
+    return (
+        f"Kept {len(selection.selected)}/{len(aux)} sources ({', '.join(selection.selected) or 'none'}). "
+        + (f"Harmful sources kept: {harmful_kept}. " if harmful_kept else "Every harmful source dropped. ")
+        + (
+            f"Helpful sources dropped: {helpful_dropped}."
+            if helpful_dropped
+            else "Every helpful source kept."
+        )
+        + f"\n\nSelection from {knobs['num_subsets']} estimated subsets took {select_seconds:.2f}s "
+        f"on the CPU; the gradient cache has {cache.num_examples} rows at d = {cache.dim}. The method saw the "
+        f"target's dev split ({len(tasks.target_dev)} rows) only; the target fine-tunes are scored on the "
+        f"held-out test split ({len(tasks.target_test)} rows)."
+    )
+
+
+_SOURCE_HEADERS = [
+    "source",
+    "true role",
+    "ensemble score (mean est. loss)",
+    "forward decision",
+    "weight",
+    "check",
+]
+
+
+def _source_rows(tasks: Any, ensemble: Any, selection: Any) -> list[list[Any]]:
+    """One row per source, best ensemble score first; ``check`` says whether the decision fits the true role."""
+    kept = set(selection.selected)
+
+    def verdict(source: str) -> str:
+        role = tasks.roles.get(source)
+        good = (role == "helpful" and source in kept) or (role == "harmful" and source not in kept)
+        return "ok" if good or role == "irrelevant" else "WRONG"
+
+    return [
+        [s, tasks.roles.get(s, "?"), ensemble.scores[s], "kept" if s in kept else "dropped",
+         selection.weights.get(s, 0.0), verdict(s)]
+        for s in ensemble.ranking
+    ]  # fmt: skip

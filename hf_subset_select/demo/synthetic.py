@@ -62,34 +62,9 @@ def make_synthetic_cache(
     Returns:
         The cache; ``cache.manifest["roles"]`` maps each source to its role.
     """
-    for name, value in (("num_aligned", num_aligned), ("num_opposed", num_opposed)):
-        if value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}.")
-    if num_orthogonal < 0:
-        raise ValueError(f"num_orthogonal must be >= 0, got {num_orthogonal}.")
-    if dim < 3:
-        raise ValueError(f"dim must be >= 3 (target, shared and orthogonal directions), got {dim}.")
-    names = (
-        [f"aligned_{i}" for i in range(num_aligned)]
-        + [f"opposed_{i}" for i in range(num_opposed)]
-        + [f"orthogonal_{i}" for i in range(num_orthogonal)]
+    names, roles, sizes = _plan_sources(
+        (num_aligned, num_opposed, num_orthogonal), examples_per_source, target_train_examples, target_examples, dim
     )
-    roles = {n: n.rsplit("_", 1)[0] for n in names}
-    if isinstance(examples_per_source, int):
-        sizes = [examples_per_source] * len(names)
-    else:
-        sizes = [int(s) for s in examples_per_source]
-        if len(sizes) != len(names):
-            raise ValueError(f"examples_per_source has {len(sizes)} entries for {len(names)} sources.")
-    if target_train_examples > 0:
-        names.append("target_train")
-        roles["target_train"] = "aligned"
-        sizes.append(target_train_examples)
-    if not names:
-        raise ValueError("The synthetic cache needs at least one training source.")
-    if target_examples <= 0:
-        raise ValueError("target_examples must be > 0.")
-
     gen = torch.Generator().manual_seed(seed)
     # orthonormal directions: u (target), c (shared), then the scatter's strong directions, then
     # per-source orthogonal directions drawn in the complement of u
@@ -114,28 +89,13 @@ def make_synthetic_cache(
         is_target = name == "target_eval"
         n = target_examples if is_target else sizes[idx]
         role = "aligned" if is_target else roles[name]
-        if role == "aligned":
-            direction = u
-        elif role == "opposed":
-            direction = -u
-        else:
-            v = torch.randn(dim, generator=gen, dtype=torch.float64)
-            v = v - (v @ u) * u
-            direction = v / v.norm()
-        mean = strength * direction + shared * common
+        mean = strength * _direction(role, u, gen) + shared * common
         rows.append(mean + scatter(n))
         outputs.append(output_mean + output_std * torch.randn(n, generator=gen, dtype=torch.float64))
         source_index.append(torch.full((n,), idx, dtype=torch.int64))
         split.append(torch.full((n,), SPLIT_TARGET if is_target else SPLIT_TRAIN, dtype=torch.int8))
         if rep_dim:
-            if role == "aligned":
-                rep_mean = rep_target
-            elif role == "opposed":
-                rep_mean = -rep_target
-            else:
-                r = torch.randn(rep_dim, generator=gen, dtype=torch.float64)
-                r = r - (r @ rep_target) * rep_target
-                rep_mean = r / r.norm()
+            rep_mean = _direction(role, rep_target, gen)
             reps.append(rep_mean + 0.3 * torch.randn(n, rep_dim, generator=gen, dtype=torch.float64))
     features = torch.cat(rows)
     n_total = features.shape[0]
@@ -155,3 +115,46 @@ def make_synthetic_cache(
         },
         representations=torch.cat(reps) if rep_dim else None,
     )
+
+
+def _plan_sources(
+    counts: tuple[int, int, int],
+    examples_per_source: int | Sequence[int],
+    target_train_examples: int,
+    target_examples: int,
+    dim: int,
+) -> tuple[list[str], dict[str, str], list[int]]:
+    """Source names (aligned, opposed, orthogonal, then ``target_train``), their roles and sizes; checks the input."""
+    for name, value in zip(("num_aligned", "num_opposed", "num_orthogonal"), counts):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}.")
+    if dim < 3:
+        raise ValueError(f"dim must be >= 3 (target, shared and orthogonal directions), got {dim}.")
+    names = [f"{role}_{i}" for role, count in zip(ROLES, counts) for i in range(count)]
+    roles = {n: n.rsplit("_", 1)[0] for n in names}
+    if isinstance(examples_per_source, int):
+        sizes = [examples_per_source] * len(names)
+    else:
+        sizes = [int(s) for s in examples_per_source]
+        if len(sizes) != len(names):
+            raise ValueError(f"examples_per_source has {len(sizes)} entries for {len(names)} sources.")
+    if target_train_examples > 0:
+        names.append("target_train")
+        roles["target_train"] = "aligned"
+        sizes.append(target_train_examples)
+    if not names:
+        raise ValueError("The synthetic cache needs at least one training source.")
+    if target_examples <= 0:
+        raise ValueError("target_examples must be > 0.")
+    return names, roles, sizes
+
+
+def _direction(role: str, anchor: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A unit vector along ``anchor`` (aligned), against it (opposed) or a random one orthogonal to it."""
+    if role == "aligned":
+        return anchor
+    if role == "opposed":
+        return -anchor
+    v = torch.randn(anchor.shape[0], generator=gen, dtype=torch.float64)
+    v = v - (v @ anchor) * anchor
+    return v / v.norm()

@@ -4,14 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from hf_subset_select.demo.tasks import (
-    DEMO_VOCAB,
-    ROLES,
-    check_roles,
-    evaluate_target,
-    make_demo_tasks,
-    measure_roles,
-)
+from hf_subset_select.demo.roles import check_roles, measure_roles
+from hf_subset_select.demo.tasks import DEMO_VOCAB, ROLES, evaluate_target, make_demo_tasks
 
 
 @pytest.fixture(scope="module")

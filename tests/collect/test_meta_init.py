@@ -1,4 +1,4 @@
-"""MetaInitCallback + load_meta_init with Trainer and SFTTrainer, LoRA and full fine-tuning; the column guard."""
+"""MetaInitCallback + load_meta_init with Trainer and SFTTrainer, LoRA and full fine-tuning."""
 
 from __future__ import annotations
 
@@ -11,10 +11,8 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 from trl import SFTConfig, SFTTrainer
 
 from hf_subset_select import (
-    BookkeepingColumnsError,
     MetaInitCallback,
     SubsetSelectSFTTrainer,
-    SubsetSelectTrainer,
     load_meta_init,
 )
 from hf_subset_select.collect.meta_init import MetaInitManifestError
@@ -125,63 +123,6 @@ def test_sft_trainer_full_finetune(tmp_path, toy_sources, tokenizer):
     trainer.train()
     restored = load_meta_init(tmp_path / "meta_init")
     _same(_logits(restored), _logits(model))
-
-
-def test_stripped_columns_raise_the_documented_error(tmp_path, toy_sources, tokenizer):
-    train, _ = toy_sources
-    trainer = Trainer(  # plain Trainer: remove_unused_columns=True strips `source`
-        model=make_tiny_causal_lm("gpt2"),
-        args=TrainingArguments(output_dir=str(tmp_path), max_steps=1, **COMMON),
-        train_dataset=_tokenize(train, tokenizer),
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
-        callbacks=[MetaInitCallback()],
-    )
-    with pytest.raises(BookkeepingColumnsError, match="SubsetSelectTrainer"):
-        trainer.train()
-
-
-def test_subset_select_trainer_keeps_columns_for_aware_collators(tmp_path, toy_sources, tokenizer):
-    train, _ = toy_sources
-    seen: list[str] = []
-    base = DataCollatorForSeq2Seq(tokenizer, padding=True)
-
-    class Aware:
-        handles_bookkeeping = True
-
-        def __call__(self, features):
-            seen.extend(f["source"] for f in features)
-            return base([{k: v for k, v in f.items() if k not in ("source", "example_id")} for f in features])
-
-    trainer = SubsetSelectTrainer(
-        model=make_tiny_causal_lm("gpt2"),
-        args=TrainingArguments(output_dir=str(tmp_path), max_steps=2, **COMMON),
-        train_dataset=_tokenize(train, tokenizer),
-        data_collator=Aware(),
-        callbacks=[MetaInitCallback()],  # counts come from the dataloader's kept columns
-    )
-    trainer.train()
-    assert seen and set(seen) <= {"add", "sub", "rev"}
-    assert _manifest(tmp_path / "meta_init")["sources"] == {"add": 12, "sub": 10, "rev": 8}
-
-
-@pytest.mark.parametrize("flag", ["packing", "padding_free"])
-def test_merged_examples_raise_the_documented_error(tmp_path, toy_sources, tokenizer, flag):
-    train, _ = toy_sources
-    extra = {"max_length": None} if flag == "padding_free" else {}  # TRL's own rule for padding-free
-    args = SFTConfig(output_dir=str(tmp_path), max_steps=1, **{flag: True}, **extra, **COMMON)
-    with pytest.raises(BookkeepingColumnsError, match="packing=False"):
-        SubsetSelectSFTTrainer(
-            model=make_tiny_causal_lm("gpt2"), args=args, train_dataset=train, processing_class=tokenizer
-        )
-    trainer = SFTTrainer(
-        model=make_tiny_causal_lm("gpt2"),
-        args=args,
-        train_dataset=train,
-        processing_class=tokenizer,
-        callbacks=[MetaInitCallback()],
-    )
-    with pytest.raises(BookkeepingColumnsError, match="packing=False"):
-        trainer.train()
 
 
 def test_load_refuses_wrong_base_tampering_and_non_meta_init_dirs(tmp_path, toy_sources, tokenizer):

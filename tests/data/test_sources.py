@@ -6,8 +6,13 @@ import pytest
 from datasets import Dataset
 
 from hf_subset_select import tag_sources, tag_target_eval
-from hf_subset_select.data.sources import EXAMPLE_ID_COLUMN, SOURCE_COLUMN, source_counts
-from hf_subset_select.data.sources import make_example_ids, target_of
+from hf_subset_select.data.sources import (
+    EXAMPLE_ID_COLUMN,
+    SOURCE_COLUMN,
+    make_example_ids,
+    source_counts,
+    target_of,
+)
 from hf_subset_select.demo.toy import toy_text_dataset
 
 

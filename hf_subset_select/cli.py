@@ -292,8 +292,8 @@ class CollectArguments:
 def cmd_collect(argv: Sequence[str]) -> None:
     """Collect per-example projected gradients at θ* (a meta-init directory) into a gradient cache."""
     from .collect.collector import GradientCollector
-    from .config import CollectConfig
     from .collect.meta_init import load_meta_init, read_meta_init_manifest
+    from .config import CollectConfig
     from .data.sources import load_dataset_file, parse_source_specs, tag_sources, tag_target_eval
 
     args, config = parse_dataclasses(

@@ -18,8 +18,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
 import warnings
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 from .io_utils import atomic_write_text
@@ -159,7 +159,14 @@ class CollectConfig(ConfigMixin):
     """How :class:`~hf_subset_select.GradientCollector` computes and stores per-example projected gradients."""
 
     config_type = "collect_config"
-    runtime_fields = ("proj_chunk_size", "batch_size", "grad_method", "proj_cache_mb", "output_dir", "overwrite")
+    runtime_fields = (
+        "proj_chunk_size",
+        "batch_size",
+        "grad_method",
+        "proj_cache_mb",
+        "output_dir",
+        "overwrite",
+    )
 
     proj_dim: int = field(
         default=2048,
@@ -419,7 +426,14 @@ class SelectConfig(ConfigMixin):
         "random_ensemble", "linear", "forward", "gradient_similarity", "representation_similarity", "random"
     ] = _choice(
         "random_ensemble",
-        ("random_ensemble", "linear", "forward", "gradient_similarity", "representation_similarity", "random"),
+        (
+            "random_ensemble",
+            "linear",
+            "forward",
+            "gradient_similarity",
+            "representation_similarity",
+            "random",
+        ),
         "'random_ensemble' (score = mean estimated loss of the random subsets that hold the source), 'linear' "
         "(coefficients of a linear fit of the estimates on subset membership) or 'forward' (greedy forward "
         "selection on the estimates); or a baseline, scored without the estimates (higher is better): "

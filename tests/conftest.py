@@ -98,7 +98,15 @@ def torchrun(tmp_path):
             HF_HUB_OFFLINE="1",
             HF_DATASETS_OFFLINE="1",
         )
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(path)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(path),
+        ]
         proc = subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=timeout)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
         return proc

@@ -67,7 +67,9 @@ def test_load_rejects_wrong_type_and_warns_about_unknown_fields(tmp_path):
     CollectConfig().save(tmp_path / "c.json")
     with pytest.raises(ValueError, match="collect_config"):
         SelectConfig.load(tmp_path / "c.json")
-    (tmp_path / "bad.json").write_text(json.dumps({"config_type": "collect_config", "bogus": 1, "proj_dim": 64}))
+    (tmp_path / "bad.json").write_text(
+        json.dumps({"config_type": "collect_config", "bogus": 1, "proj_dim": 64})
+    )
     with pytest.warns(UserWarning, match="bogus"):
         loaded = CollectConfig.load(tmp_path / "bad.json")
     assert loaded.proj_dim == 64 and not hasattr(loaded, "bogus")
@@ -79,12 +81,22 @@ def test_result_dict_leaves_out_runtime_fields_and_literals_list_their_choices()
 
     cfg = CollectConfig(batch_size=3, output_dir="x", overwrite=True)
     result = cfg.result_dict()
-    for runtime in ("batch_size", "output_dir", "overwrite", "proj_chunk_size", "proj_cache_mb", "grad_method"):
+    for runtime in (
+        "batch_size",
+        "output_dir",
+        "overwrite",
+        "proj_chunk_size",
+        "proj_cache_mb",
+        "grad_method",
+    ):
         assert runtime not in result and runtime in cfg.to_dict()
     assert result["proj_dim"] == 2048 and result["precondition"] == "none"
     # a runtime change never changes what a manifest records
     assert CollectConfig(batch_size=99).result_dict() == CollectConfig().result_dict()
-    assert "chunk_size" not in EstimatorConfig().result_dict() and "num_threads" not in EstimatorConfig().result_dict()
+    assert (
+        "chunk_size" not in EstimatorConfig().result_dict()
+        and "num_threads" not in EstimatorConfig().result_dict()
+    )
     # every Literal field carries its values as metadata choices, and they agree with the annotation
     for cls in (CollectConfig, EstimatorConfig, SelectConfig):
         hints = typing.get_type_hints(cls)

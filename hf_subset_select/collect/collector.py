@@ -37,6 +37,10 @@ from accelerate.logging import get_logger
 from transformers import TrainerCallback
 
 from .. import __version__
+from ..config import CollectConfig
+from ..data.encode import IGNORE_INDEX, encode_example
+from ..data.sources import EXAMPLE_ID_COLUMN, SOURCE_COLUMN, target_of
+from ..io_utils import atomic_write_json, fingerprint_tensors, read_json
 from .cache import (
     CACHE_FORMAT_VERSION,
     DATA_NAME,
@@ -53,9 +57,6 @@ from .cache import (
     remove_collection_files,
     save_shard,
 )
-from ..config import CollectConfig
-from ..data.encode import IGNORE_INDEX, encode_example
-from ..io_utils import atomic_write_json, fingerprint_tensors, read_json
 from .outputs import OutputSpec, resolve_output_fn
 from .per_example import (
     PerExampleGradients,
@@ -74,7 +75,6 @@ from .precondition import (
     scale_gradients,
 )
 from .projection import Projector, make_projector
-from ..data.sources import EXAMPLE_ID_COLUMN, SOURCE_COLUMN, target_of
 
 __all__ = ["GradientCollector", "CollectionMismatchError"]
 

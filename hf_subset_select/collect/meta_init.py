@@ -27,9 +27,9 @@ from transformers import TrainerCallback
 
 from .. import __version__
 from ..config import MetaInitConfig
+from ..data.sources import SOURCE_COLUMN, source_counts, target_of
 from ..data.trainers import BookkeepingColumnsError, check_bookkeeping
 from ..io_utils import atomic_write_json, fingerprint_tensors, read_json
-from ..data.sources import SOURCE_COLUMN, source_counts, target_of
 
 __all__ = [
     "MetaInitCallback",
@@ -134,7 +134,9 @@ def _canonical(name: str) -> str:
     ``.original_module``)."""
     if name.startswith("base_model.model."):
         name = name[len("base_model.model.") :]
-    return name.replace(".base_layer.", ".").replace(".original_module.", ".").removesuffix(".original_module")
+    return (
+        name.replace(".base_layer.", ".").replace(".original_module.", ".").removesuffix(".original_module")
+    )
 
 
 def _base_name(model: Any) -> str | None:

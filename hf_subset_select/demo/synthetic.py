@@ -63,7 +63,11 @@ def make_synthetic_cache(
         The cache; ``cache.manifest["roles"]`` maps each source to its role.
     """
     names, roles, sizes = _plan_sources(
-        (num_aligned, num_opposed, num_orthogonal), examples_per_source, target_train_examples, target_examples, dim
+        (num_aligned, num_opposed, num_orthogonal),
+        examples_per_source,
+        target_train_examples,
+        target_examples,
+        dim,
     )
     gen = torch.Generator().manual_seed(seed)
     # orthonormal directions: u (target), c (shared), then the scatter's strong directions, then

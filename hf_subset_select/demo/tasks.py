@@ -343,7 +343,8 @@ def make_demo_tasks(scale: str = "full", seed: int = 0) -> DemoTasks:
             "cipher": sigma,
             "conflicting_cipher": conflict,
             "target_letters": seen,
-            "sizes": {name: len(r) for name, r in rows.items()} | {TARGET_TEST: len(eval_x), TARGET_DEV: len(dev_x)},
+            "sizes": {name: len(r) for name, r in rows.items()}
+            | {TARGET_TEST: len(eval_x), TARGET_DEV: len(dev_x)},
         },
     )
 

@@ -60,7 +60,9 @@ def keep_by_rule(
                 f"top_k={config.top_k} exceeds the number of candidate sources ({len(names)}); use a top_k in "
                 f"[1, {len(names)}]."
             )
-        order = scored.order if scored.order is not None else best_first(names, scored.scores, lower_is_better)
+        order = (
+            scored.order if scored.order is not None else best_first(names, scored.scores, lower_is_better)
+        )
         chosen = set(order[: config.top_k])
     elif config.threshold is not None:
         threshold = config.threshold

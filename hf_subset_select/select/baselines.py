@@ -73,7 +73,9 @@ class _SimilaritySelector(Selector):
         _require_target(cache)
         scores = _mean_cosine_scores(self.vectors(cache), cache, names)
         mean = float(scores.mean())
-        return SelectorScores(scores=scores, default_keep=[n for n, v in zip(names, scores.tolist()) if v > mean])
+        return SelectorScores(
+            scores=scores, default_keep=[n for n, v in zip(names, scores.tolist()) if v > mean]
+        )
 
 
 @register_selector("gradient_similarity")
@@ -155,7 +157,9 @@ def gradient_similarity_selection(
     sources, or those above ``threshold``, or (default) those above the candidates' mean similarity. The same as
     ``select_sources(estimator, method="gradient_similarity", ...)``.
     """
-    config = SelectConfig(method="gradient_similarity", top_k=top_k, threshold=threshold, temperature=temperature)
+    config = SelectConfig(
+        method="gradient_similarity", top_k=top_k, threshold=threshold, temperature=temperature
+    )
     return get_selector("gradient_similarity").select(CacheCandidates.of(cache, include_target_train), config)
 
 
@@ -172,7 +176,9 @@ def representation_similarity_selection(
     config = SelectConfig(
         method="representation_similarity", top_k=top_k, threshold=threshold, temperature=temperature
     )
-    return get_selector("representation_similarity").select(CacheCandidates.of(cache, include_target_train), config)
+    return get_selector("representation_similarity").select(
+        CacheCandidates.of(cache, include_target_train), config
+    )
 
 
 def random_selection(

@@ -262,7 +262,9 @@ class SubsetSelectingDataCollator:
         self.mode = mode
         self.weight_key = weight_key
         self.on_empty = on_empty
-        self._policy = SourceWeightPolicy(selection, unknown_sources, source_weighting, source_counts, always_keep)
+        self._policy = SourceWeightPolicy(
+            selection, unknown_sources, source_weighting, source_counts, always_keep
+        )
         #: examples seen and passed on, per source (in this process / DataLoader worker)
         self.seen: Counter[str] = Counter()
         self.kept: Counter[str] = Counter()
@@ -374,4 +376,3 @@ class SubsetSelectingDataCollator:
             f"SubsetSelectingDataCollator(mode={self.mode!r}, base={type(self.base_collator).__name__}, "
             f"sources={self._policy.source_weights})"
         )
-

@@ -48,4 +48,3 @@ class SourceWeightedSampler(torch.utils.data.Sampler[int]):
         draws = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=generator)
         self.epoch += 1  # the next pass draws anew even if nobody calls set_epoch
         return iter(draws.tolist())
-

@@ -11,12 +11,12 @@ import torch
 from hf_subset_select import CollectConfig, GradientCache, GradientCollector, tag_sources, tag_target_eval
 from hf_subset_select.collect.cache import SHARDS_DIR, complete_shards
 from hf_subset_select.collect.collector import CollectionMismatchError
-from hf_subset_select.data.encode import encode_example
-from hf_subset_select.io_utils import fingerprint_tensors
 from hf_subset_select.collect.outputs import resolve_output_fn
 from hf_subset_select.collect.per_example import PerExampleGradients, collate_examples
 from hf_subset_select.collect.projection import make_projector
+from hf_subset_select.data.encode import encode_example
 from hf_subset_select.demo.toy import add_lora, make_tiny_causal_lm, make_tokenizer, toy_text_dataset
+from hf_subset_select.io_utils import fingerprint_tensors
 
 
 @pytest.fixture(autouse=True, scope="module")

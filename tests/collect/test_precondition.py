@@ -17,15 +17,19 @@ from hf_subset_select import (
     GradientCacheError,
     GradientCollector,
 )
-from hf_subset_select.collect.precondition import PreconditionerError, adam_preconditioner, adam_step_scalars
-from hf_subset_select.demo.synthetic import make_synthetic_cache
 from hf_subset_select.collect.cache import PRECONDITIONER_NAME
 from hf_subset_select.collect.collector import CollectionMismatchError
-from hf_subset_select.data.encode import encode_example
 from hf_subset_select.collect.outputs import resolve_output_fn
 from hf_subset_select.collect.per_example import collate_examples, trainable_parameters
-from hf_subset_select.collect.precondition import preconditioner_sha256
+from hf_subset_select.collect.precondition import (
+    PreconditionerError,
+    adam_preconditioner,
+    adam_step_scalars,
+    preconditioner_sha256,
+)
 from hf_subset_select.collect.projection import make_projector
+from hf_subset_select.data.encode import encode_example
+from hf_subset_select.demo.synthetic import make_synthetic_cache
 from hf_subset_select.demo.toy import add_lora, make_tiny_causal_lm
 from hf_subset_select.estimate import forward_check
 

@@ -5,8 +5,12 @@ from __future__ import annotations
 import pytest
 
 from hf_subset_select import EstimatorConfig, FirstOrderEstimator, SelectConfig, select_sources
-from hf_subset_select.select.baselines import gradient_similarity_selection, random_selection, representation_similarity_selection
 from hf_subset_select.demo.synthetic import make_synthetic_cache
+from hf_subset_select.select.baselines import (
+    gradient_similarity_selection,
+    random_selection,
+    representation_similarity_selection,
+)
 
 ALIGNED = ["aligned_0", "aligned_1"]
 

@@ -19,7 +19,14 @@ from hf_subset_select.select import (
     selector_names,
 )
 
-BUILT_IN = ["random_ensemble", "linear", "forward", "gradient_similarity", "representation_similarity", "random"]
+BUILT_IN = [
+    "random_ensemble",
+    "linear",
+    "forward",
+    "gradient_similarity",
+    "representation_similarity",
+    "random",
+]
 
 
 def _expected_top(sel: SourceSelection, k: int) -> set[str]:

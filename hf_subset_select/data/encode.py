@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["encode_example", "IGNORE_INDEX"]
+__all__ = ["encode_example", "encode_seq2seq_example", "encode_row", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
 
@@ -95,3 +95,27 @@ def encode_example(
             raise ValueError("A classification example needs a 'label' (or 'labels') column.")
         return {"input_ids": input_ids, "label": int(label)}
     return {"input_ids": input_ids, "labels": labels[:max_length]}
+
+
+def encode_seq2seq_example(example: Mapping[str, Any], tokenizer: Any | None, max_length: int) -> dict[str, Any]:
+    """Return ``{"input_ids": [...], "labels": [...]}`` for an encoder-decoder model: ``prompt`` -> encoder,
+    ``completion`` -> decoder labels (``text_target``), or pre-tokenized ``input_ids`` / ``labels`` as they are."""
+    if example.get("input_ids") is not None and example.get("labels") is not None:
+        return {"input_ids": list(example["input_ids"])[:max_length], "labels": list(example["labels"])[:max_length]}
+    if tokenizer is None:
+        raise ValueError("Untokenized seq2seq examples need a tokenizer; pass tokenizer= to the collector.")
+    if example.get("prompt") is None or example.get("completion") is None:
+        raise ValueError(
+            "Seq2seq collection needs prompt/completion columns (source text -> decoder labels) or pre-tokenized "
+            f"input_ids/labels; got columns {sorted(example)}."
+        )
+    src = tokenizer(example["prompt"], truncation=True, max_length=max_length)["input_ids"]
+    tgt = tokenizer(text_target=example["completion"], truncation=True, max_length=max_length)["input_ids"]
+    return {"input_ids": list(src), "labels": list(tgt)}
+
+
+def encode_row(example: Mapping[str, Any], tokenizer: Any | None, max_length: int, kind: str) -> dict[str, Any]:
+    """Encode one example for a model of ``kind`` (``"causal_lm"``, ``"seq2seq"`` or ``"classification"``)."""
+    if kind == "seq2seq":
+        return encode_seq2seq_example(example, tokenizer, max_length)
+    return encode_example(example, tokenizer, max_length, classification=kind == "classification")

@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from accelerate.logging import get_logger
@@ -273,7 +273,12 @@ class PerExampleGradients:
         method: ``"auto"`` (hooks when all trainable parameters are Linear weights/biases, else vmap; falling
             back to a loop with a warning), ``"hooks"``, ``"vmap"`` or ``"loop"``.
         with_representations: also return the mean last hidden state over each example's tokens.
+
+    The gradient paths are looked up by name in :attr:`methods` (``{name: fn(self, batch) -> PerExampleResult}``);
+    a subclass adds a path by extending that table.
     """
+
+    methods: ClassVar[dict[str, Callable[[PerExampleGradients, Mapping[str, torch.Tensor]], PerExampleResult]]] = {}
 
     def __init__(
         self,
@@ -283,8 +288,9 @@ class PerExampleGradients:
         method: str = "auto",
         with_representations: bool = True,
     ) -> None:
-        if method not in ("auto", "hooks", "vmap", "loop"):
-            raise ValueError(f"method={method!r} is not valid; choose 'auto', 'hooks', 'vmap' or 'loop'.")
+        if method != "auto" and method not in self.methods:
+            choices = ", ".join(repr(m) for m in ["auto", *self.methods])
+            raise ValueError(f"method={method!r} is not valid; choose one of {choices}.")
         self.model = model
         self.spec = output_spec
         self.method = method
@@ -503,14 +509,12 @@ class PerExampleGradients:
         """Per-example gradients, outputs and representations for one right-padded batch (on the model's device)."""
         if self.method == "loop" or self.used_fallback:
             return self._loop(batch)
-        if self.requested == "vmap":
-            return self._vmap(batch)
-        if self.requested == "hooks":
-            return self._hooks(batch)
+        if self.requested != "auto":  # asked for by name: no check, no fallback
+            return self.methods[self.requested](self, batch)
         if self._needs_check and self.method == "hooks":
             return self._checked_hooks(batch)
         try:
-            return self._hooks(batch) if self.method == "hooks" else self._vmap(batch)
+            return self.methods[self.method](self, batch)
         except Exception as exc:  # noqa: BLE001 - any vmap incompatibility triggers the documented fallback
             if isinstance(exc, torch.cuda.OutOfMemoryError):
                 raise
@@ -523,3 +527,10 @@ class PerExampleGradients:
                 main_process_only=False,
             )
             return self._loop(batch)
+
+
+PerExampleGradients.methods = {
+    "hooks": PerExampleGradients._hooks,
+    "vmap": PerExampleGradients._vmap,
+    "loop": PerExampleGradients._loop,
+}

@@ -159,7 +159,15 @@ class CollectConfig(ConfigMixin):
     """How :class:`~hf_subset_select.GradientCollector` computes and stores per-example projected gradients."""
 
     config_type = "collect_config"
-    runtime_fields = ("proj_chunk_size", "batch_size", "grad_method", "proj_cache_mb", "output_dir", "overwrite")
+    runtime_fields = (
+        "proj_chunk_size",
+        "batch_size",
+        "grad_method",
+        "proj_cache_mb",
+        "output_dir",
+        "overwrite",
+        "self_check",
+    )
 
     proj_dim: int = field(
         default=2048,
@@ -235,6 +243,11 @@ class CollectConfig(ConfigMixin):
     )
     overwrite: bool = _runtime(
         "Replace an existing cache whose manifest differs instead of refusing.", default=False
+    )
+    self_check: bool = _runtime(
+        "After collecting, compare the cached outputs of a few rows per split with the model's own forward pass "
+        "on the rows as the trainer sees them, and stop with CollectionSelfCheckError when they differ.",
+        default=True,
     )
 
     def __post_init__(self) -> None:

@@ -34,20 +34,21 @@ from transformers import TrainerCallback
 
 from .. import __version__
 from ..config import CollectConfig
-from ..data.encode import encode_row
 from ..data.sources import target_of
 from ..io_utils import fingerprint_tensors, read_json
-from .cache import SPLIT_TRAIN, GradientCache
+from .cache import GradientCache
 from .distributed import DistState, dist_state
 from .engine import GradientEngine, base_config, pad_token_id
 from .outputs import OutputSpec, resolve_output_fn
 from .per_example import check_not_sharded, trainable_parameters
 from .precondition import resolve_preconditioner
 from .projection import Projector, make_projector
-from .rows import RowPlan, plan_rows
+from .rows import EncodedRows, RowPlan, RowSource, plan_rows
+from .selfcheck import CollectionSelfCheckError, self_check
 from .store import CollectionMismatchError, GradientStore, collection_key
+from .trainer_rows import TrainerRows
 
-__all__ = ["GradientCollector", "CollectionMismatchError"]
+__all__ = ["GradientCollector", "CollectionMismatchError", "CollectionSelfCheckError"]
 
 logger = get_logger(__name__)
 
@@ -65,6 +66,12 @@ class GradientCollector(TrainerCallback):
         tokenizer: used to encode raw examples; in a Trainer the callback's ``processing_class`` is used when
             this is None.
         output_fn: optional callable ``fn(model_output, batch) -> Tensor[B]`` replacing ``config.output_fn``.
+
+    As a callback of ``SubsetSelectTrainer`` / ``SubsetSelectSFTTrainer`` the collector is bound to the trainer
+    (:meth:`bind_trainer`) and collects the rows the trainer trains on: its processed ``train_dataset``, and the
+    target rows processed by the trainer's own code (:mod:`.trainer_rows`). Otherwise tokenized rows are used as
+    they are and raw rows are encoded by TRL's rules (:mod:`hf_subset_select.data.encode`). Either way a
+    self-check compares a few cached outputs with the model's own forward pass on those rows (:mod:`.selfcheck`).
 
     After a run, ``self.cache`` holds the merged cache (on every process) and ``self.cache_dir`` its directory.
     """
@@ -98,8 +105,13 @@ class GradientCollector(TrainerCallback):
         self.cache: GradientCache | None = None
         self.cache_dir: str | None = None
         self.stats: dict[str, Any] = {}
+        self.trainer: Any = None
 
-    # ------------------------------------------------------------------ Trainer hook
+    # ------------------------------------------------------------------ Trainer hooks
+    def bind_trainer(self, trainer: Any) -> None:
+        """Collect the rows ``trainer`` trains on (called by ``SubsetSelectTrainerMixin``; see the class doc)."""
+        self.trainer = trainer
+
     def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if model is None:
             raise ValueError("GradientCollector.on_train_end received no model from the Trainer.")
@@ -140,6 +152,8 @@ class GradientCollector(TrainerCallback):
                 parameters or data (and ``config.overwrite`` is False).
             ShardedParametersError: parameters are sharded (FSDP / ZeRO-3).
             PreconditionerError: ``config.precondition="adam"`` and the optimizer has no Adam state.
+            CollectionSelfCheckError: the cached outputs of the sampled rows differ from the model's own forward
+                pass on the rows the trainer trains on (``config.self_check``).
         """
         cfg = self.config
         output_dir = os.fspath(output_dir or cfg.output_dir or "")
@@ -163,12 +177,8 @@ class GradientCollector(TrainerCallback):
             cache_mb=cfg.proj_cache_mb,
         )
         scale, precondition = resolve_preconditioner(cfg.precondition, model, named, optimizer, preconditioner, dist)
-
-        def encode(split: int, row: int) -> dict[str, Any]:
-            dataset = self.train_dataset if split == SPLIT_TRAIN else self.target_dataset
-            return encode_row(dict(dataset[int(row)]), tokenizer, cfg.max_length, spec.kind)
-
-        plan = plan_rows(self.train_dataset, self.target_dataset, encode, spec.kind)
+        source = self._row_source(spec, tokenizer, model)
+        plan = plan_rows(source)
         target_source = target_of(self.train_dataset)
         if target_source is not None and target_source not in plan.sources:
             raise ValueError(f"target_source={target_source!r} is not among the collected sources {plan.sources}.")
@@ -191,7 +201,7 @@ class GradientCollector(TrainerCallback):
         action = store.open()
         if action == "reuse":
             logger.info(f"GradientCollector: {output_dir} already holds this collection; reusing it.")
-            return self._loaded(store)
+            return self._loaded(store, model, spec, plan, source)
         if action == "overwrite":
             logger.warning(f"GradientCollector: overwriting the collection in {output_dir} (overwrite=True).")
 
@@ -206,7 +216,7 @@ class GradientCollector(TrainerCallback):
             scale=scale,
             pad_id=pad_token_id(model, tokenizer),
         )
-        compute_s = self._compute_shards(engine, store, plan, mine, encode, dist, disable_tqdm)
+        compute_s = self._compute_shards(engine, store, plan, mine, source, dist, disable_tqdm)
         computed = sum(len(store.shard_rows(i)) for i in mine)
         manifest = self._manifest(projector, spec, theta_fp, model, plan, dist, engine.method_used)
         manifest["precondition"] = precondition
@@ -219,7 +229,7 @@ class GradientCollector(TrainerCallback):
         store.finish(
             manifest, sources=plan.sources, target_source=target_source, dim=projector.dim, preconditioner=scale
         )
-        self._loaded(store)
+        self._loaded(store, model, spec, plan, source)
         elapsed = time.perf_counter() - start_time
         rate = computed / compute_s if compute_s > 0 else float("nan")
         skipped = sum(plan.skipped.values())
@@ -241,9 +251,22 @@ class GradientCollector(TrainerCallback):
         )
         return self.cache
 
-    def _loaded(self, store: GradientStore) -> GradientCache:
+    def _row_source(self, spec: OutputSpec, tokenizer: Any, model: Any) -> RowSource:
+        """The trainer's rows when bound to a trainer, else the collector's own."""
+        max_length = self.config.max_length
+        if self.trainer is not None:
+            return TrainerRows(self.trainer, self.train_dataset, self.target_dataset, max_length, spec.kind)
+        pad_id = pad_token_id(model, tokenizer)
+        return EncodedRows(self.train_dataset, self.target_dataset, tokenizer, max_length, spec.kind, pad_id)
+
+    def _loaded(
+        self, store: GradientStore, model: Any, spec: OutputSpec, plan: RowPlan, source: RowSource
+    ) -> GradientCache:
+        """Load the merged cache and, unless turned off, self-check it against the model's own forward pass."""
         self.cache = store.load()
         self.cache_dir = store.output_dir
+        if self.config.self_check:
+            self_check(model, spec, self.cache, plan, source)
         return self.cache
 
     def _compute_shards(
@@ -252,7 +275,7 @@ class GradientCollector(TrainerCallback):
         store: GradientStore,
         plan: RowPlan,
         mine: list[int],
-        encode: Callable[[int, int], dict[str, Any]],
+        source: RowSource,
         dist: DistState,
         disable_tqdm: bool,
     ) -> float:
@@ -268,7 +291,7 @@ class GradientCollector(TrainerCallback):
             for index in mine:
                 rows = [plan.rows[i] for i in store.shard_rows(index)]
                 t0 = time.perf_counter()
-                tensors = engine.compute([encode(r.split, r.row) for r in rows], bar)
+                tensors = engine.compute([source.encode(r.split, r.row) for r in rows], bar)
                 compute_s += time.perf_counter() - t0
                 tensors["example_ids"] = torch.tensor([r.example_id for r in rows], dtype=torch.int64)
                 tensors["source_index"] = torch.tensor([r.source_index for r in rows], dtype=torch.int64)

@@ -117,8 +117,9 @@ def collate_examples(
     """Right-pad encoded examples into a batch.
 
     LM examples have ``input_ids`` and ``labels`` (same length); seq2seq examples ``input_ids`` and decoder
-    ``labels``; classification examples ``input_ids`` and an int ``label``. Padding uses ``pad_token_id`` in the
-    inputs, 0 in the attention mask and -100 in the labels.
+    ``labels``; classification examples ``input_ids`` and an int ``label``; any of them may have
+    ``token_type_ids``. Padding uses ``pad_token_id`` in the inputs, 0 in the attention mask and the token types,
+    and -100 in the labels.
     """
     batch_size = len(examples)
     max_len = max(len(e["input_ids"]) for e in examples)
@@ -129,6 +130,12 @@ def collate_examples(
         input_ids[i, :n] = torch.as_tensor(e["input_ids"], dtype=torch.long)
         attention_mask[i, :n] = 1
     batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if any(e.get("token_type_ids") is not None for e in examples):
+        token_types = torch.zeros((batch_size, max_len), dtype=torch.long)
+        for i, e in enumerate(examples):
+            if e.get("token_type_ids") is not None:
+                token_types[i, : len(e["token_type_ids"])] = torch.as_tensor(e["token_type_ids"], dtype=torch.long)
+        batch["token_type_ids"] = token_types
     if kind == "classification":
         batch["labels"] = torch.as_tensor([int(e["label"]) for e in examples], dtype=torch.long)
         return batch
@@ -341,6 +348,8 @@ class PerExampleGradients:
             "attention_mask": _additive_mask(allowed, self.dtype),
             "output_hidden_states": self.with_representations,
         }
+        if "token_type_ids" in batch:
+            kwargs["token_type_ids"] = batch["token_type_ids"]
         if per_example_positions and self.spec.kind != "seq2seq" and self._accepts_position_ids:
             positions = torch.arange(length, device=keep.device)
             kwargs["position_ids"] = positions.unsqueeze(0).expand(keep.shape[0], -1)
@@ -455,7 +464,9 @@ class PerExampleGradients:
         for i in range(batch["input_ids"].shape[0]):
             n = int(batch["attention_mask"][i].sum())
             one = {k: v[i : i + 1] for k, v in batch.items()}
-            one["input_ids"], one["attention_mask"] = one["input_ids"][:, :n], one["attention_mask"][:, :n]
+            for key in ("input_ids", "attention_mask", "token_type_ids"):
+                if key in one:
+                    one[key] = one[key][:, :n]
             if self.spec.kind == "causal_lm":
                 one["labels"] = one["labels"][:, :n]
             elif self.spec.kind == "seq2seq":

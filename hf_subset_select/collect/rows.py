@@ -1,25 +1,75 @@
-"""The rows a collection covers: canonical order, encoding, the supervision check and content digests.
+"""The rows a collection covers: where they come from, canonical order, the supervision check and digests.
 
-Rows are ordered by split (training, then target) and ``example_id``; a row without a supervised token is
-skipped and counted per source. Each kept row's token content is digested into the collection key, so that a
-directory collected from other tokens is never reused.
+A :class:`RowSource` holds the two splits and turns a row into model inputs; :class:`EncodedRows` is the
+standalone one (tokenized rows as they are, raw rows by :func:`~hf_subset_select.data.encode.encode_row`), and
+:class:`~.trainer_rows.TrainerRows` takes the rows a bound Trainer trains on. Rows are ordered by split (training,
+then target) and ``example_id``; a row without a supervised token is skipped and counted per source. Each kept
+row's token content is digested into the collection key, so that a directory collected from other tokens is never
+reused.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..data.encode import IGNORE_INDEX
+import torch
+
+from ..data.encode import IGNORE_INDEX, encode_row
 from ..data.sources import EXAMPLE_ID_COLUMN, SOURCE_COLUMN
 from .cache import SPLIT_TARGET, SPLIT_TRAIN
+from .per_example import collate_examples
 
-__all__ = ["PlannedRow", "RowPlan", "plan_rows", "column", "has_supervision"]
+__all__ = ["RowSource", "EncodedRows", "PlannedRow", "RowPlan", "plan_rows", "column", "has_supervision"]
 
-Encoder = Callable[[int, int], dict[str, Any]]  # (split, row in its dataset) -> encoded example
+
+class RowSource:
+    """The two splits of a collection and how their rows become model inputs.
+
+    Subclasses implement :meth:`encode` (the row the cache is computed on) and :meth:`as_trained` (the rows as
+    the trainer sees them and the batch its collator makes, for the self-check).
+    """
+
+    #: what the self-check names as the reference rows in its messages
+    reference = "the collector's rows"
+
+    def __init__(self, train_dataset: Any, target_dataset: Any, max_length: int, kind: str) -> None:
+        self.train_dataset = train_dataset
+        self.target_dataset = target_dataset
+        self.max_length = int(max_length)
+        self.kind = kind
+
+    def dataset(self, split: int) -> Any:
+        return self.train_dataset if split == SPLIT_TRAIN else self.target_dataset
+
+    def encode(self, split: int, row: int) -> dict[str, Any]:
+        """The model inputs of ``row`` of ``split`` that the cache is computed on."""
+        raise NotImplementedError
+
+    def as_trained(self, split: int, rows: list[int]) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+        """The rows as the trainer sees them (encoded dicts) and the batch its data collator makes of them."""
+        raise NotImplementedError
+
+
+class EncodedRows(RowSource):
+    """Standalone rows: tokenized rows as they are, raw rows encoded by TRL's rules with ``tokenizer``."""
+
+    def __init__(
+        self, train_dataset: Any, target_dataset: Any, tokenizer: Any, max_length: int, kind: str, pad_id: int
+    ) -> None:
+        super().__init__(train_dataset, target_dataset, max_length, kind)
+        self.tokenizer = tokenizer
+        self.pad_id = pad_id
+
+    def encode(self, split: int, row: int) -> dict[str, Any]:
+        return encode_row(dict(self.dataset(split)[int(row)]), self.tokenizer, self.max_length, self.kind)
+
+    def as_trained(self, split: int, rows: list[int]) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+        encoded = [self.encode(split, r) for r in rows]
+        return encoded, collate_examples(encoded, self.kind, pad_token_id=self.pad_id)
 
 
 def column(dataset: Any, name: str) -> list[Any]:
@@ -81,7 +131,7 @@ class RowPlan:
         return [(r.split, r.example_id, self.sources[r.source_index], r.digest) for r in self.rows]
 
 
-def plan_rows(train_dataset: Any, target_dataset: Any, encode: Encoder, kind: str) -> RowPlan:
+def plan_rows(source: RowSource) -> RowPlan:
     """Order the tagged rows of both splits, encode each once, drop (and count) rows without supervision.
 
     Raises:
@@ -89,7 +139,8 @@ def plan_rows(train_dataset: Any, target_dataset: Any, encode: Encoder, kind: st
     """
     sources: list[str] = []
     items: list[tuple[int, int, int, int]] = []
-    for split, dataset in ((SPLIT_TRAIN, train_dataset), (SPLIT_TARGET, target_dataset)):
+    for split in (SPLIT_TRAIN, SPLIT_TARGET):
+        dataset = source.dataset(split)
         for row, (name, ex_id) in enumerate(
             zip(column(dataset, SOURCE_COLUMN), column(dataset, EXAMPLE_ID_COLUMN))
         ):
@@ -107,8 +158,8 @@ def plan_rows(train_dataset: Any, target_dataset: Any, encode: Encoder, kind: st
         seen.add((split, ex_id))
     plan = RowPlan(sources, [])
     for split, ex_id, src, row in items:
-        encoded = encode(split, row)
-        if not has_supervision(encoded, kind):
+        encoded = source.encode(split, row)
+        if not has_supervision(encoded, source.kind):
             plan.skipped[sources[src]] = plan.skipped.get(sources[src], 0) + 1
             plan.skipped_ids.append(ex_id)
             continue

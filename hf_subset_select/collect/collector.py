@@ -176,27 +176,25 @@ class GradientCollector(TrainerCallback):
             chunk_size=cfg.proj_chunk_size,
             cache_mb=cfg.proj_cache_mb,
         )
-        scale, precondition = resolve_preconditioner(cfg.precondition, model, named, optimizer, preconditioner, dist)
+        scale, precondition = resolve_preconditioner(
+            cfg.precondition, model, named, optimizer, preconditioner, dist
+        )
         source = self._row_source(spec, tokenizer, model)
         plan = plan_rows(source)
         target_source = target_of(self.train_dataset)
         if target_source is not None and target_source not in plan.sources:
-            raise ValueError(f"target_source={target_source!r} is not among the collected sources {plan.sources}.")
+            raise ValueError(
+                f"target_source={target_source!r} is not among the collected sources {plan.sources}."
+            )
         theta_fp = fingerprint_tensors(named)
-        settings = {
-            "projection": projector.manifest(),
-            "output_fn": spec.name,
-            "model_kind": spec.kind,
-            "prob_clamp": cfg.prob_clamp,
-            "max_length": cfg.max_length,
-            "theta_fingerprint": theta_fp,
-            "sources": list(plan.sources),
-            "shard_size": cfg.shard_size,
-            "representations": cfg.representations,
-        }
-        key = collection_key(settings, plan.key_entries(), precondition)
+        key = self._key(projector, spec, theta_fp, plan, precondition)
         store = GradientStore(
-            output_dir, key, num_rows=len(plan.rows), shard_size=cfg.shard_size, dist=dist, overwrite=cfg.overwrite
+            output_dir,
+            key,
+            num_rows=len(plan.rows),
+            shard_size=cfg.shard_size,
+            dist=dist,
+            overwrite=cfg.overwrite,
         )
         action = store.open()
         if action == "reuse":
@@ -227,29 +225,59 @@ class GradientCollector(TrainerCallback):
             "compute_seconds_main_process": round(compute_s, 3),
         }
         store.finish(
-            manifest, sources=plan.sources, target_source=target_source, dim=projector.dim, preconditioner=scale
+            manifest,
+            sources=plan.sources,
+            target_source=target_source,
+            dim=projector.dim,
+            preconditioner=scale,
         )
         self._loaded(store, model, spec, plan, source)
         elapsed = time.perf_counter() - start_time
-        rate = computed / compute_s if compute_s > 0 else float("nan")
-        skipped = sum(plan.skipped.values())
         self.stats = {
             "examples": len(plan.rows),
             "computed": computed,
             "reused": reused,
-            "skipped": skipped,
+            "skipped": sum(plan.skipped.values()),
             "seconds": elapsed,
             "compute_seconds": compute_s,
-            "examples_per_s": rate,
+            "examples_per_s": computed / compute_s if compute_s > 0 else float("nan"),
             "grad_method": engine.method_used,
             "precondition": precondition["kind"],
         }
-        logger.info(
-            f"GradientCollector: {len(plan.rows)} examples in {elapsed:.1f}s ({computed} computed on this process at "
-            f"{rate:.1f} examples/s, {reused} reused from shards, {skipped} skipped without supervised tokens), "
-            f"d={projector.dim} ({projector.kind}), precondition={precondition['kind']}, written to {output_dir}"
-        )
+        self._log(projector, output_dir)
         return self.cache
+
+    def _log(self, projector: Projector, output_dir: str) -> None:
+        st = self.stats
+        logger.info(
+            f"GradientCollector: {st['examples']} examples in {st['seconds']:.1f}s ({st['computed']} computed on "
+            f"this process at {st['examples_per_s']:.1f} examples/s, {st['reused']} reused from shards, "
+            f"{st['skipped']} skipped without supervised tokens), d={projector.dim} ({projector.kind}), "
+            f"precondition={st['precondition']}, written to {output_dir}"
+        )
+
+    def _key(
+        self,
+        projector: Projector,
+        spec: OutputSpec,
+        theta_fp: str,
+        plan: RowPlan,
+        precondition: Mapping[str, Any],
+    ) -> dict[str, Any]:
+        """The collection key: the result-shaping settings, θ* and the rows' content."""
+        cfg = self.config
+        settings = {
+            "projection": projector.manifest(),
+            "output_fn": spec.name,
+            "model_kind": spec.kind,
+            "prob_clamp": cfg.prob_clamp,
+            "max_length": cfg.max_length,
+            "theta_fingerprint": theta_fp,
+            "sources": list(plan.sources),
+            "shard_size": cfg.shard_size,
+            "representations": cfg.representations,
+        }
+        return collection_key(settings, plan.key_entries(), precondition)
 
     def _row_source(self, spec: OutputSpec, tokenizer: Any, model: Any) -> RowSource:
         """The trainer's rows when bound to a trainer, else the collector's own."""
@@ -286,7 +314,9 @@ class GradientCollector(TrainerCallback):
             return 0.0
         compute_s = 0.0
         total = sum(len(store.shard_rows(i)) for i in mine)
-        bar = tqdm(total=total, desc="Collecting gradients", unit="ex", disable=disable_tqdm or not dist.is_main)
+        bar = tqdm(
+            total=total, desc="Collecting gradients", unit="ex", disable=disable_tqdm or not dist.is_main
+        )
         with engine.running():
             for index in mine:
                 rows = [plan.rows[i] for i in store.shard_rows(index)]

@@ -30,7 +30,10 @@ def base_config(model: Any) -> Any:
 
 def pad_token_id(model: Any, tokenizer: Any = None) -> int:
     """The padding id: the model config's, else the tokenizer's, else 0."""
-    for value in (getattr(base_config(model), "pad_token_id", None), getattr(tokenizer, "pad_token_id", None)):
+    for value in (
+        getattr(base_config(model), "pad_token_id", None),
+        getattr(tokenizer, "pad_token_id", None),
+    ):
         if isinstance(value, int):
             return value
     return 0
@@ -72,7 +75,9 @@ class GradientEngine:
         self.scale = None if scale is None else {n: s.to(self.device) for n, s in scale.items()}
         self.method = grad_method
         if spec.kind == "classification" and getattr(base_config(model), "pad_token_id", None) is None:
-            self.method = "loop"  # no pad id: the model pools the last position, so padding must not exist at all
+            self.method = (
+                "loop"  # no pad id: the model pools the last position, so padding must not exist at all
+            )
         self._grads: PerExampleGradients | None = None
 
     @property

@@ -27,9 +27,9 @@ from transformers import TrainerCallback
 
 from .. import __version__
 from ..config import MetaInitConfig
+from ..data.sources import SOURCE_COLUMN, source_counts, target_of
 from ..data.trainers import BookkeepingColumnsError, check_bookkeeping
 from ..io_utils import atomic_write_json, fingerprint_tensors, read_json
-from ..data.sources import SOURCE_COLUMN, source_counts, target_of
 
 __all__ = [
     "MetaInitCallback",

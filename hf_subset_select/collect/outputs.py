@@ -199,7 +199,11 @@ class OutputFunction:
 
 
 _OUTPUT_FUNCTIONS: dict[str, OutputFunction] = {}
-_AUTO = {"classification": "classification_margin", "causal_lm": "sequence_log_odds", "seq2seq": "sequence_log_odds"}
+_AUTO = {
+    "classification": "classification_margin",
+    "causal_lm": "sequence_log_odds",
+    "seq2seq": "sequence_log_odds",
+}
 
 
 def register_output_fn(entry: OutputFunction) -> OutputFunction:
@@ -229,10 +233,17 @@ def _log_odds(reduce: Callable[..., torch.Tensor]) -> Callable[[str, float], Cal
 
 register_output_fn(
     OutputFunction(
-        "classification_margin", ("classification",), _margin, "a sequence-classification model", "token_log_odds"
+        "classification_margin",
+        ("classification",),
+        _margin,
+        "a sequence-classification model",
+        "token_log_odds",
     )
 )
-for _name, _reduce in (("token_log_odds", token_log_odds_output), ("sequence_log_odds", sequence_log_odds_output)):
+for _name, _reduce in (
+    ("token_log_odds", token_log_odds_output),
+    ("sequence_log_odds", sequence_log_odds_output),
+):
     register_output_fn(
         OutputFunction(
             _name,

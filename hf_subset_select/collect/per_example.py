@@ -134,7 +134,9 @@ def collate_examples(
         token_types = torch.zeros((batch_size, max_len), dtype=torch.long)
         for i, e in enumerate(examples):
             if e.get("token_type_ids") is not None:
-                token_types[i, : len(e["token_type_ids"])] = torch.as_tensor(e["token_type_ids"], dtype=torch.long)
+                token_types[i, : len(e["token_type_ids"])] = torch.as_tensor(
+                    e["token_type_ids"], dtype=torch.long
+                )
         batch["token_type_ids"] = token_types
     if kind == "classification":
         batch["labels"] = torch.as_tensor([int(e["label"]) for e in examples], dtype=torch.long)
@@ -285,7 +287,9 @@ class PerExampleGradients:
     a subclass adds a path by extending that table.
     """
 
-    methods: ClassVar[dict[str, Callable[[PerExampleGradients, Mapping[str, torch.Tensor]], PerExampleResult]]] = {}
+    methods: ClassVar[
+        dict[str, Callable[[PerExampleGradients, Mapping[str, torch.Tensor]], PerExampleResult]]
+    ] = {}
 
     def __init__(
         self,

@@ -339,5 +339,7 @@ def resolve_preconditioner(
     if error is not None:
         if mode == "adam":
             raise error
-        logger.info(f"GradientCollector: precondition='auto' collects raw gradients (no Adam preconditioner: {error})")
+        logger.info(
+            f"GradientCollector: precondition='auto' collects raw gradients (no Adam preconditioner: {error})"
+        )
     return scale, info

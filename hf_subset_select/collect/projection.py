@@ -131,7 +131,9 @@ class Projector:
         self._cache: dict[tuple[str, int, str], Any] = {}
         self._cached_bytes = 0
         self._keys = {n: _param_key(self.seed, n) for n in self.param_shapes}
-        self.nnz: int | None = None  # non-zeros per input coordinate (sparse kinds only; others ignore ``nnz``)
+        self.nnz: int | None = (
+            None  # non-zeros per input coordinate (sparse kinds only; others ignore ``nnz``)
+        )
 
     def _resolve_dim(self, dim: int | None) -> int | None:
         return dim
@@ -151,9 +153,7 @@ class Projector:
         return ""
 
     def __repr__(self) -> str:
-        return (
-            f"Projector(kind={self.kind!r}, p={self.num_params}, d={self.dim}, seed={self.seed}{self._describe()})"
-        )
+        return f"Projector(kind={self.kind!r}, p={self.num_params}, d={self.dim}, seed={self.seed}{self._describe()})"
 
     def _rows_per_chunk(self) -> int:
         return self.chunk_size
@@ -429,7 +429,9 @@ def resolve_proj_type(proj_type: str, num_params: int, proj_dim: int) -> str:
     if proj_type == "auto":
         return "identity" if num_params <= proj_dim else "sparse"
     if proj_type not in _PROJECTORS:
-        raise ValueError(f"proj_type={proj_type!r} is not valid; choose 'auto' or one of {list(_PROJECTORS)}.")
+        raise ValueError(
+            f"proj_type={proj_type!r} is not valid; choose 'auto' or one of {list(_PROJECTORS)}."
+        )
     return proj_type
 
 

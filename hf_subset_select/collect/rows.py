@@ -83,7 +83,9 @@ def column(dataset: Any, name: str) -> list[Any]:
         return list(dataset[name])
     rows = [dataset[i] for i in range(len(dataset))]
     if rows and name not in rows[0]:
-        raise ValueError(f"The examples have no {name!r} field; tag them with hf_subset_select.tag_sources(...).")
+        raise ValueError(
+            f"The examples have no {name!r} field; tag them with hf_subset_select.tag_sources(...)."
+        )
     return [r[name] for r in rows]
 
 

@@ -308,7 +308,9 @@ def existing_action(output_dir: str | os.PathLike, key: Mapping[str, Any], overw
             existing = read_json(manifest_path).get("collection")
         except ValueError:
             existing = None
-        if existing is None:  # a cache saved by other means (or a corrupt manifest): never clobber it silently
+        if (
+            existing is None
+        ):  # a cache saved by other means (or a corrupt manifest): never clobber it silently
             existing = {"origin": "not written by GradientCollector"}
         where, final = manifest_path, True
     if existing is None and os.path.exists(progress_path):
@@ -318,7 +320,9 @@ def existing_action(output_dir: str | os.PathLike, key: Mapping[str, Any], overw
             existing = {}
         where = progress_path
     if existing is None:
-        if overwrite and (os.path.exists(manifest_path) or os.path.isdir(os.path.join(output_dir, SHARDS_DIR))):
+        if overwrite and (
+            os.path.exists(manifest_path) or os.path.isdir(os.path.join(output_dir, SHARDS_DIR))
+        ):
             return "overwrite"
         return "fresh"
     if existing.get("digest") == key["digest"] and _same(existing, key):
@@ -396,7 +400,9 @@ class GradientStore:
     def done_shards(self) -> set[int]:
         """Shards of this collection already complete and intact on disk."""
         done = complete_shards(self.shards_dir)
-        return {i for i, m in done.items() if i < self.num_shards and m.get("key_digest") == self.key["digest"]}
+        return {
+            i for i, m in done.items() if i < self.num_shards and m.get("key_digest") == self.key["digest"]
+        }
 
     def pending(self) -> tuple[list[int], int]:
         """This rank's shards still to compute (every ``world``-th one) and the rows reused from complete shards."""
@@ -438,7 +444,11 @@ class GradientStore:
                 range(self.num_shards),
                 sources=sources,
                 target_source=target_source,
-                manifest={"collection": self.key, "dataset_fingerprint": self.key["dataset_fingerprint"], **manifest},
+                manifest={
+                    "collection": self.key,
+                    "dataset_fingerprint": self.key["dataset_fingerprint"],
+                    **manifest,
+                },
                 dim=dim,
                 preconditioner=preconditioner,
             )

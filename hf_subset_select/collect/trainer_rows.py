@@ -64,7 +64,9 @@ class TrainerRows(RowSource):
 
     reference = "the trainer's rows"
 
-    def __init__(self, trainer: Any, train_dataset: Any, target_dataset: Any, max_length: int, kind: str) -> None:
+    def __init__(
+        self, trainer: Any, train_dataset: Any, target_dataset: Any, max_length: int, kind: str
+    ) -> None:
         self.trainer = trainer
         self.tokenizer = trainer_tokenizer(trainer)
         own = getattr(trainer, "train_dataset", None)
@@ -103,4 +105,3 @@ class TrainerRows(RowSource):
             features = [{k: v for k, v in f.items() if k in keep} for f in features]
         batch = _plain_collator(self.trainer.data_collator)(strip_bookkeeping(features))
         return seen, dict(batch)
-

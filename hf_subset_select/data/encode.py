@@ -134,11 +134,16 @@ def encode_example(
     return out
 
 
-def encode_seq2seq_example(example: Mapping[str, Any], tokenizer: Any | None, max_length: int) -> dict[str, Any]:
+def encode_seq2seq_example(
+    example: Mapping[str, Any], tokenizer: Any | None, max_length: int
+) -> dict[str, Any]:
     """Return ``{"input_ids": [...], "labels": [...]}`` for an encoder-decoder model: ``prompt`` -> encoder,
     ``completion`` -> decoder labels (``text_target``), or pre-tokenized ``input_ids`` / ``labels`` as they are."""
     if example.get("input_ids") is not None and example.get("labels") is not None:
-        return {"input_ids": list(example["input_ids"])[:max_length], "labels": list(example["labels"])[:max_length]}
+        return {
+            "input_ids": list(example["input_ids"])[:max_length],
+            "labels": list(example["labels"])[:max_length],
+        }
     if tokenizer is None:
         raise ValueError("Untokenized seq2seq examples need a tokenizer; pass tokenizer= to the collector.")
     if example.get("prompt") is None or example.get("completion") is None:
@@ -151,7 +156,9 @@ def encode_seq2seq_example(example: Mapping[str, Any], tokenizer: Any | None, ma
     return {"input_ids": list(src), "labels": list(tgt)}
 
 
-def encode_row(example: Mapping[str, Any], tokenizer: Any | None, max_length: int, kind: str) -> dict[str, Any]:
+def encode_row(
+    example: Mapping[str, Any], tokenizer: Any | None, max_length: int, kind: str
+) -> dict[str, Any]:
     """Encode one example for a model of ``kind`` (``"causal_lm"``, ``"seq2seq"`` or ``"classification"``)."""
     if kind == "seq2seq":
         return encode_seq2seq_example(example, tokenizer, max_length)

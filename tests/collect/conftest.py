@@ -26,10 +26,18 @@ def bos_tokenizer():
     from hf_subset_select.demo.toy import TOY_VOCAB, make_tokenizer
 
     def bos(table):
-        return TemplateProcessing(single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", table["<bos>"])])
+        return TemplateProcessing(
+            single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", table["<bos>"])]
+        )
 
     tok = _word_level(
-        TOY_VOCAB, bos, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>", eos_token="<eos>", model_max_length=512
+        TOY_VOCAB,
+        bos,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        model_max_length=512,
     )
     tok.chat_template = make_tokenizer().chat_template
     return tok

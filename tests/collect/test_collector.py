@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from hf_subset_select import CollectConfig, GradientCache, GradientCollector, tag_sources, tag_target_eval
-from hf_subset_select.collect.store import SHARDS_DIR, CollectionMismatchError, complete_shards
-from hf_subset_select.data.encode import encode_example
-from hf_subset_select.io_utils import fingerprint_tensors
 from hf_subset_select.collect.outputs import resolve_output_fn
 from hf_subset_select.collect.per_example import PerExampleGradients, collate_examples
 from hf_subset_select.collect.projection import make_projector
+from hf_subset_select.collect.store import SHARDS_DIR, CollectionMismatchError, complete_shards
+from hf_subset_select.data.encode import encode_example
 from hf_subset_select.demo.toy import add_lora, make_tiny_causal_lm, make_tokenizer, toy_text_dataset
+from hf_subset_select.io_utils import fingerprint_tensors
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -223,9 +223,7 @@ def test_corrupt_shard_is_recomputed(tmp_path, monkeypatch):
     raw[-1] ^= 0xFF  # flip a bit: same size, wrong checksum
     data.write_bytes(bytes(raw))
     redone = []
-    monkeypatch.setattr(
-        store_mod, "save_shard", lambda *a, **k: redone.append(a[1]) or real_save(*a, **k)
-    )
+    monkeypatch.setattr(store_mod, "save_shard", lambda *a, **k: redone.append(a[1]) or real_save(*a, **k))
     cache = GradientCollector(_config(), train, target, make_tokenizer()).collect(model, output_dir=out)
     assert redone == [1, 3, 4]
     assert cache.num_examples == 36

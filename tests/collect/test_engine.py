@@ -25,7 +25,9 @@ def test_engine_equals_per_example_computation_and_restores_the_model():
     model = add_lora(make_tiny_causal_lm("gpt2", seed=0))
     model.train()
     spec = resolve_output_fn(model)
-    proj = make_projector("rademacher", 32, 0, [(n, tuple(p.shape)) for n, p in model.named_parameters() if p.requires_grad])
+    proj = make_projector(
+        "rademacher", 32, 0, [(n, tuple(p.shape)) for n, p in model.named_parameters() if p.requires_grad]
+    )
     engine = GradientEngine(model, spec, proj, batch_size=2, pad_id=pad_token_id(model))
     with pytest.raises(RuntimeError, match="running"):
         engine.compute(_rows())

@@ -337,9 +337,15 @@ def test_token_types_reach_the_model_on_every_gradient_path():
     with torch.no_grad():
         base.bert.embeddings.token_type_embeddings.weight.normal_(0, 1.0)
         base.classifier.weight.normal_(0, 1.0)
-    model = _theta_star(get_peft_model(base, LoraConfig(r=2, target_modules=["query", "value"], task_type="SEQ_CLS")))
+    model = _theta_star(
+        get_peft_model(base, LoraConfig(r=2, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    )
     examples = [
-        {"input_ids": e["input_ids"], "label": e["label"], "token_type_ids": [0] * 3 + [1] * (len(e["input_ids"]) - 3)}
+        {
+            "input_ids": e["input_ids"],
+            "label": e["label"],
+            "token_type_ids": [0] * 3 + [1] * (len(e["input_ids"]) - 3),
+        }
         for e in _examples()
     ]
     batch = collate_examples(examples, "classification")
@@ -360,7 +366,10 @@ def test_a_gradient_path_is_added_through_the_methods_table():
     calls = []
 
     class Counting(PerExampleGradients):
-        methods = {**PerExampleGradients.methods, "counted": lambda self, batch: calls.append(1) or self._loop(batch)}
+        methods = {
+            **PerExampleGradients.methods,
+            "counted": lambda self, batch: calls.append(1) or self._loop(batch),
+        }
 
     model = _theta_star(add_lora(make_tiny_causal_lm("gpt2", seed=0))).eval()
     spec = resolve_output_fn(model)

@@ -22,11 +22,11 @@ from hf_subset_select import (
 )
 from hf_subset_select.collect.cache import PRECONDITIONER_NAME
 from hf_subset_select.collect.collector import CollectionMismatchError
-from hf_subset_select.data.encode import encode_example
 from hf_subset_select.collect.outputs import resolve_output_fn
 from hf_subset_select.collect.per_example import collate_examples, trainable_parameters
 from hf_subset_select.collect.precondition import preconditioner_sha256
 from hf_subset_select.collect.projection import make_projector
+from hf_subset_select.data.encode import encode_example
 from hf_subset_select.demo.toy import add_lora, make_tiny_causal_lm
 
 
@@ -236,7 +236,9 @@ def test_auto_falls_back_to_raw_gradients_without_adam_state(tmp_path, toy_sourc
     trainer = _train(tmp_path, model, tokenizer, train, [auto], optim="sgd", steps=2)
     info = GradientCache.load(tmp_path / "auto").manifest["precondition"]
     # raw gradients, and the reason AdamW's step size could not be read is kept for the estimator's error
-    assert info["kind"] == "none" and "adam_scalars" not in info and "exp_avg_sq" in info["adam_scalars_error"]
+    assert (
+        info["kind"] == "none" and "adam_scalars" not in info and "exp_avg_sq" in info["adam_scalars_error"]
+    )
     assert auto.cache.preconditioner is None and auto.stats["precondition"] == "none"
     raw = GradientCollector(_config(precondition="none"), train, target_eval, tokenizer)
     torch.testing.assert_close(

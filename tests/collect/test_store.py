@@ -23,7 +23,11 @@ ONE = DistState(0, 1, lambda: None)
 
 
 def _key(seed: int = 0, tokens: bytes = b"t") -> dict:
-    settings = {"projection": {"kind": "rademacher", "dim": 4, "seed": seed}, "output_fn": "x", "shard_size": 3}
+    settings = {
+        "projection": {"kind": "rademacher", "dim": 4, "seed": seed},
+        "output_fn": "x",
+        "shard_size": 3,
+    }
     entries = [(0, i, "a" if i < 4 else "b", tokens) for i in range(7)]
     return collection_key(settings, entries)
 
@@ -94,7 +98,10 @@ def test_a_different_collection_is_refused_with_what_differs_unless_overwrite(tm
     store = _store(tmp_path / "gc")
     store.open()
     store.write_shard(0, _rows(store, 0))
-    with pytest.raises(CollectionMismatchError, match=r"partial collection.*projection\.seed: on disk 0, now 1.*overwrite=True"):
+    with pytest.raises(
+        CollectionMismatchError,
+        match=r"partial collection.*projection\.seed: on disk 0, now 1.*overwrite=True",
+    ):
         existing_action(tmp_path / "gc", _key(seed=1))
     with pytest.raises(CollectionMismatchError, match="examples .* differ"):
         _store(tmp_path / "gc", _key(tokens=b"u")).open()

@@ -24,7 +24,9 @@ def _one_thread():
 
 
 def _config(tmp_path, **kw):
-    return CollectConfig(proj_dim=32, proj_type="rademacher", batch_size=8, output_dir=str(tmp_path / "gc"), **kw)
+    return CollectConfig(
+        proj_dim=32, proj_type="rademacher", batch_size=8, output_dir=str(tmp_path / "gc"), **kw
+    )
 
 
 def _lm_data(n=6):
@@ -65,7 +67,9 @@ def _sft_trainer(tmp_path, tokenizer, train, collector):
     )
 
 
-def test_bound_sft_trainer_rows_keep_bos_and_cached_outputs_equal_the_trainers_forward(tmp_path, bos_tokenizer):
+def test_bound_sft_trainer_rows_keep_bos_and_cached_outputs_equal_the_trainers_forward(
+    tmp_path, bos_tokenizer
+):
     train, target = _lm_data()
     collector = GradientCollector(_config(tmp_path), train, target)
     trainer = _sft_trainer(tmp_path, bos_tokenizer, train, collector)
@@ -85,8 +89,13 @@ def test_bound_sft_trainer_rows_keep_bos_and_cached_outputs_equal_the_trainers_f
     # target rows went through TRL's own processing: BOS, completion-only labels, EOS
     target_rows = trainer._prepare_dataset(target, bos_tokenizer, trainer.args, False, None, "t")
     first = target_rows[0]
-    assert first["input_ids"][0] == bos_tokenizer.bos_token_id and first["input_ids"][-1] == bos_tokenizer.eos_token_id
-    expected = _outputs_on(model, spec, trainer.data_collator([{k: first[k] for k in ("input_ids", "labels")}]))
+    assert (
+        first["input_ids"][0] == bos_tokenizer.bos_token_id
+        and first["input_ids"][-1] == bos_tokenizer.eos_token_id
+    )
+    expected = _outputs_on(
+        model, spec, trainer.data_collator([{k: first[k] for k in ("input_ids", "labels")}])
+    )
     where = int(torch.nonzero((cache.example_ids == first["example_id"]) & (cache.split == 1))[0, 0])
     torch.testing.assert_close(cache.outputs[where], expected[0], rtol=1e-4, atol=1e-4)
 
@@ -161,7 +170,9 @@ def test_sentence_pairs_are_encoded_as_pairs_and_token_types_reach_the_model(tmp
         where = int(torch.nonzero((cache.example_ids == example["example_id"]) & (cache.split == 0))[0, 0])
         expected = _outputs_on(model, spec, batch)[0]
         torch.testing.assert_close(cache.outputs[where], expected, rtol=1e-4, atol=1e-4)
-        without_types = _outputs_on(model, spec, {**batch, "token_type_ids": torch.zeros_like(encoded["token_type_ids"])})
+        without_types = _outputs_on(
+            model, spec, {**batch, "token_type_ids": torch.zeros_like(encoded["token_type_ids"])}
+        )
         assert abs(float(without_types[0] - expected)) > 1e-3  # so the cache saw the token types
 
 

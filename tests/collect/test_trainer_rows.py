@@ -211,3 +211,42 @@ def test_self_check_stops_on_outputs_that_differ(tmp_path, tokenizer, monkeypatc
     monkeypatch.setattr(engine_mod.GradientEngine, "compute", shifted)
     with pytest.raises(CollectionSelfCheckError, match=r"differs by 0\.5.*grad_method='loop'"):
         GradientCollector(_config(tmp_path), train, target, tokenizer).collect(model)
+
+
+def test_bound_plain_trainer_uses_its_tokenized_rows_and_collator(tmp_path, bos_tokenizer):
+    from transformers import DataCollatorForSeq2Seq, TrainingArguments
+
+    from hf_subset_select import SubsetSelectTrainer
+
+    train, target = _lm_data(4)
+    tokenized = train.map(
+        lambda ex: encode_example(ex, bos_tokenizer, 64), remove_columns=["prompt", "completion"]
+    )
+    collector = GradientCollector(_config(tmp_path), train, target)
+    trainer = SubsetSelectTrainer(
+        model=add_lora(make_tiny_causal_lm("gpt2", seed=0)),
+        args=TrainingArguments(
+            output_dir=str(tmp_path / "run"),
+            max_steps=1,
+            per_device_train_batch_size=4,
+            report_to=[],
+            disable_tqdm=True,
+            save_strategy="no",
+            use_cpu=True,
+        ),
+        train_dataset=tokenized,
+        data_collator=DataCollatorForSeq2Seq(bos_tokenizer, padding=True),
+        processing_class=bos_tokenizer,
+        callbacks=[collector],
+    )
+    assert collector.trainer is trainer
+    trainer.train()  # the self-check ran on the trainer's rows and collator
+    cache = collector.cache
+    assert cache.num_examples == 12
+    spec = resolve_output_fn(trainer.model)
+    row = tokenized[3]
+    expected = _outputs_on(
+        trainer.model, spec, trainer.data_collator([{k: row[k] for k in ("input_ids", "labels")}])
+    )
+    where = int(torch.nonzero((cache.example_ids == row["example_id"]) & (cache.split == 0))[0, 0])
+    torch.testing.assert_close(cache.outputs[where], expected[0], rtol=1e-4, atol=1e-4)

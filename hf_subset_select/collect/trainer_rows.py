@@ -60,15 +60,22 @@ class TrainerRows(RowSource):
         target_dataset: the collector's target rows.
         max_length: ``CollectConfig.max_length`` (rows longer than that are cut, which the self-check reports).
         kind: the model kind.
+        tokenizer: encodes raw rows the trainer has no processing code for (default: its ``processing_class``).
     """
 
     reference = "the trainer's rows"
 
     def __init__(
-        self, trainer: Any, train_dataset: Any, target_dataset: Any, max_length: int, kind: str
+        self,
+        trainer: Any,
+        train_dataset: Any,
+        target_dataset: Any,
+        max_length: int,
+        kind: str,
+        tokenizer: Any = None,
     ) -> None:
         self.trainer = trainer
-        self.tokenizer = trainer_tokenizer(trainer)
+        self.tokenizer = tokenizer if tokenizer is not None else trainer_tokenizer(trainer)
         own = getattr(trainer, "train_dataset", None)
         if own is None or any(c not in _columns(own) for c in BOOKKEEPING_COLUMNS):
             own = self._prepare(train_dataset, "collector_train")

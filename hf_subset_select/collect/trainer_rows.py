@@ -44,8 +44,8 @@ def _plain_collator(collator: Any) -> Any:
     while True:
         if isinstance(collator, _StripBookkeepingCollator):
             collator = collator.base
-        elif "base_collator" in vars(collator):
-            collator = vars(collator)["base_collator"]
+        elif "base_collator" in getattr(collator, "__dict__", {}):
+            collator = collator.__dict__["base_collator"]
         else:
             return collator
 

@@ -166,6 +166,7 @@ class CollectConfig(ConfigMixin):
         "proj_cache_mb",
         "output_dir",
         "overwrite",
+        "self_check",
     )
 
     proj_dim: int = field(
@@ -243,6 +244,11 @@ class CollectConfig(ConfigMixin):
     )
     overwrite: bool = _runtime(
         "Replace an existing cache whose manifest differs instead of refusing.", default=False
+    )
+    self_check: bool = _runtime(
+        "After collecting, compare the cached outputs of a few rows per split with the model's own forward pass "
+        "on the rows as the trainer sees them, and stop with CollectionSelfCheckError when they differ.",
+        default=True,
     )
 
     def __post_init__(self) -> None:

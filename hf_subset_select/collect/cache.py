@@ -9,23 +9,15 @@ On disk (see docs/cache_format.md)::
     <dir>/preconditioner.safetensors   optional feature scale s per trainable parameter (Adam geometry);
                                  its SHA-256 is in the manifest's ``precondition`` entry
 
-Collection writes shards first and merges them into ``cache.safetensors``::
-
-    <dir>/shards/collection.json            the collection key (what must match to resume), written first
-    <dir>/shards/shard-000012.safetensors   rows of global shard 12 (same columns as the cache)
-    <dir>/shards/shard-000012.json          its row count, example ids digest, content digest, file SHA-256;
-                                            written last, so its presence marks the shard complete
-
-Shards are numbered over the collection's canonical example order, not per process, so a collection killed
-under k processes can resume under any number of processes. Nothing is ever loaded with pickle.
+Collection writes shards first and merges them into ``cache.safetensors``; the shards, the collection key and
+the reuse / resume policy belong to :mod:`.store`. Nothing is ever loaded with pickle.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -41,14 +33,10 @@ __all__ = [
     "CACHE_FORMAT_VERSION",
     "SPLIT_TRAIN",
     "SPLIT_TARGET",
-    "SHARDS_DIR",
-    "PROGRESS_NAME",
-    "save_shard",
-    "load_shard",
-    "complete_shards",
-    "merge_shards",
-    "remove_collection_files",
+    "MANIFEST_NAME",
+    "DATA_NAME",
     "PRECONDITIONER_NAME",
+    "CACHE_COLUMNS",
 ]
 
 CACHE_FORMAT_VERSION = 1
@@ -56,11 +44,8 @@ SPLIT_TRAIN = 0
 SPLIT_TARGET = 1
 MANIFEST_NAME = "manifest.json"
 DATA_NAME = "cache.safetensors"
-SHARDS_DIR = "shards"
-PROGRESS_NAME = "collection.json"
 PRECONDITIONER_NAME = "preconditioner.safetensors"
-_COLUMNS = ("features", "outputs", "example_ids", "source_index", "split")
-_SHARD_RE = re.compile(r"^shard-(\d{6,})\.json$")
+CACHE_COLUMNS = ("features", "outputs", "example_ids", "source_index", "split")
 
 
 class GradientCacheError(ValueError):
@@ -337,7 +322,7 @@ class GradientCache:
             t = load_file(dpath)
         except Exception as exc:  # safetensors raises its own error types for corrupt files
             raise GradientCacheError(f"{dpath!r} is unreadable ({exc}); re-collect the cache.") from exc
-        missing = [k for k in ("features", "outputs", "example_ids", "source_index", "split") if k not in t]
+        missing = [k for k in CACHE_COLUMNS if k not in t]
         if missing:
             raise GradientCacheError(f"{dpath!r} lacks {missing}; re-collect the cache.")
         preconditioner = _load_preconditioner(path, manifest)
@@ -390,163 +375,3 @@ def _load_preconditioner(path: str, manifest: dict[str, Any]) -> dict[str, torch
             "re-collect the cache."
         )
     return tensors
-
-
-# ---------------------------------------------------------------------- shards (collection, resume, merge)
-def _shard_paths(shards_dir: str, index: int) -> tuple[str, str]:
-    stem = os.path.join(shards_dir, f"shard-{index:06d}")
-    return stem + ".safetensors", stem + ".json"
-
-
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def save_shard(
-    shards_dir: str | os.PathLike, index: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
-) -> dict[str, Any]:
-    """Write one shard atomically: the safetensors file first, then its JSON (whose presence marks completion).
-
-    ``tensors`` holds the cache columns (``features``, ``outputs``, ``example_ids``, ``source_index``, ``split``,
-    optional ``representations``) for the shard's rows. Returns the JSON written.
-    """
-    shards_dir = os.fspath(shards_dir)
-    missing = [k for k in _COLUMNS if k not in tensors]
-    if missing:
-        raise GradientCacheError(f"A shard needs the columns {list(_COLUMNS)}; {missing} are missing.")
-    data_path, meta_path = _shard_paths(shards_dir, index)
-    clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_save_file(clean, data_path)
-    meta = dict(meta)
-    meta.update(
-        {
-            "index": int(index),
-            "num_rows": int(clean["features"].shape[0]),
-            "data_file": os.path.basename(data_path),
-            "data_bytes": os.path.getsize(data_path),
-            "data_sha256": _file_sha256(data_path),
-        }
-    )
-    atomic_write_json(meta_path, meta)
-    return meta
-
-
-def complete_shards(shards_dir: str | os.PathLike, verify: bool = True) -> dict[int, dict[str, Any]]:
-    """``{index: shard JSON}`` of the shards that finished writing (and, with ``verify``, whose data is intact).
-
-    A shard whose data file is missing, has the wrong size or checksum is left out (it will be recomputed).
-    """
-    shards_dir = os.fspath(shards_dir)
-    if not os.path.isdir(shards_dir):
-        return {}
-    out: dict[int, dict[str, Any]] = {}
-    for name in sorted(os.listdir(shards_dir)):
-        match = _SHARD_RE.match(name)
-        if not match:
-            continue
-        try:
-            meta = read_json(os.path.join(shards_dir, name))
-        except ValueError:
-            continue
-        data_path, _ = _shard_paths(shards_dir, int(match.group(1)))
-        if not os.path.exists(data_path) or os.path.getsize(data_path) != meta.get("data_bytes"):
-            continue
-        if verify and _file_sha256(data_path) != meta.get("data_sha256"):
-            continue
-        out[int(match.group(1))] = meta
-    return out
-
-
-def load_shard(shards_dir: str | os.PathLike, index: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read one complete shard: its tensors and its JSON."""
-    from safetensors.torch import load_file
-
-    data_path, meta_path = _shard_paths(os.fspath(shards_dir), index)
-    if not os.path.exists(meta_path) or not os.path.exists(data_path):
-        raise GradientCacheError(
-            f"Shard {index} is missing under {os.fspath(shards_dir)!r}; re-run the collection (it resumes)."
-        )
-    meta = read_json(meta_path)
-    try:
-        tensors = load_file(data_path)
-    except Exception as exc:  # safetensors raises its own error types for corrupt files
-        raise GradientCacheError(
-            f"Shard file {data_path!r} is unreadable ({exc}); delete it and re-run."
-        ) from exc
-    if int(tensors["features"].shape[0]) != meta.get("num_rows"):
-        raise GradientCacheError(f"Shard file {data_path!r} does not match its JSON; delete both and re-run.")
-    return tensors, meta
-
-
-def merge_shards(
-    shards_dir: str | os.PathLike,
-    indices: Iterable[int],
-    *,
-    sources: Sequence[str],
-    target_source: str | None = None,
-    manifest: dict[str, Any] | None = None,
-    dim: int | None = None,
-    preconditioner: Mapping[str, torch.Tensor] | None = None,
-) -> GradientCache:
-    """Concatenate shards (in the given order) into one :class:`GradientCache` (not saved; call ``.save``).
-
-    ``dim`` is the feature dimension to use when there are no rows at all; ``preconditioner`` the feature scale
-    the shards were collected with (None: raw gradients).
-    """
-    parts: dict[str, list[torch.Tensor]] = {}
-    has_reps: bool | None = None
-    for index in indices:
-        tensors, _ = load_shard(shards_dir, index)
-        reps = "representations" in tensors
-        if has_reps is not None and reps != has_reps:
-            raise GradientCacheError(
-                "Some shards have representations and some do not; re-collect the cache."
-            )
-        has_reps = reps
-        for key, value in tensors.items():
-            parts.setdefault(key, []).append(value)
-    if not parts:
-        width = int(dim or 0)
-        return GradientCache(
-            torch.zeros(0, width),
-            torch.zeros(0),
-            torch.zeros(0, dtype=torch.int64),
-            torch.zeros(0, dtype=torch.int64),
-            torch.zeros(0, dtype=torch.int8),
-            sources,
-            target_source=target_source,
-            manifest=manifest,
-            preconditioner=preconditioner,
-        )
-    cat = {k: torch.cat(v, dim=0) for k, v in parts.items()}
-    return GradientCache(
-        cat["features"],
-        cat["outputs"],
-        cat["example_ids"],
-        cat["source_index"],
-        cat["split"],
-        sources,
-        target_source=target_source,
-        manifest=manifest,
-        representations=cat.get("representations"),
-        preconditioner=preconditioner,
-    )
-
-
-def remove_collection_files(path: str | os.PathLike) -> None:
-    """Delete a cache directory's own files (manifest, data, shards); anything else in it is left alone."""
-    path = os.fspath(path)
-    for name in (MANIFEST_NAME, DATA_NAME, PRECONDITIONER_NAME):
-        if os.path.exists(os.path.join(path, name)):
-            os.remove(os.path.join(path, name))
-    shards_dir = os.path.join(path, SHARDS_DIR)
-    if os.path.isdir(shards_dir):
-        for name in os.listdir(shards_dir):
-            if name == PROGRESS_NAME or name.startswith("shard-") or name.startswith(".tmp-"):
-                os.remove(os.path.join(shards_dir, name))
-        if not os.listdir(shards_dir):
-            os.rmdir(shards_dir)

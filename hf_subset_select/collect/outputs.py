@@ -44,6 +44,8 @@ __all__ = [
     "OutputSpec",
     "model_kind",
     "resolve_output_fn",
+    "register_output_fn",
+    "OutputFunction",
     "MODEL_KINDS",
 ]
 
@@ -172,6 +174,88 @@ def _logits(model_output: Any) -> torch.Tensor:
     return logits
 
 
+@dataclass(frozen=True)
+class OutputFunction:
+    """A named output function in the registry (:func:`register_output_fn`).
+
+    Attributes:
+        name: the name ``CollectConfig.output_fn`` uses.
+        kinds: model kinds it applies to.
+        build: ``build(kind, prob_clamp) -> fn(model_output, batch) -> Tensor[B]``.
+        needs: what a model must be, for the error on another kind (e.g. ``"a language model"``).
+        instead: the output function to suggest then.
+        kind_in_name: record ``"<kind>_<name>"`` in manifests for seq2seq models.
+    """
+
+    name: str
+    kinds: tuple[str, ...]
+    build: Callable[[str, float], Callable[[Any, Mapping[str, torch.Tensor]], torch.Tensor]]
+    needs: str
+    instead: str
+    kind_in_name: bool = False
+
+    def recorded_name(self, kind: str) -> str:
+        return f"seq2seq_{self.name}" if self.kind_in_name and kind == "seq2seq" else self.name
+
+
+_OUTPUT_FUNCTIONS: dict[str, OutputFunction] = {}
+_AUTO = {
+    "classification": "classification_margin",
+    "causal_lm": "sequence_log_odds",
+    "seq2seq": "sequence_log_odds",
+}
+
+
+def register_output_fn(entry: OutputFunction) -> OutputFunction:
+    """Add (or replace) a named output function, so that ``CollectConfig(output_fn=name)`` can select it."""
+    _OUTPUT_FUNCTIONS[entry.name] = entry
+    return entry
+
+
+def _margin(kind: str, prob_clamp: float) -> Callable[[Any, Mapping[str, torch.Tensor]], torch.Tensor]:
+    def margin(model_output: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return classification_margin_output(_logits(model_output), batch["labels"])
+
+    return margin
+
+
+def _log_odds(reduce: Callable[..., torch.Tensor]) -> Callable[[str, float], Callable]:
+    def build(kind: str, prob_clamp: float) -> Callable[[Any, Mapping[str, torch.Tensor]], torch.Tensor]:
+        shift = kind == "causal_lm"
+
+        def log_odds(model_output: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+            return reduce(_logits(model_output), batch["labels"], prob_clamp=prob_clamp, shift=shift)
+
+        return log_odds
+
+    return build
+
+
+register_output_fn(
+    OutputFunction(
+        "classification_margin",
+        ("classification",),
+        _margin,
+        "a sequence-classification model",
+        "token_log_odds",
+    )
+)
+for _name, _reduce in (
+    ("token_log_odds", token_log_odds_output),
+    ("sequence_log_odds", sequence_log_odds_output),
+):
+    register_output_fn(
+        OutputFunction(
+            _name,
+            ("causal_lm", "seq2seq"),
+            _log_odds(_reduce),
+            "a language model",
+            "classification_margin",
+            kind_in_name=True,
+        )
+    )
+
+
 def resolve_output_fn(
     model: Any, output_fn: str | Callable = "auto", *, prob_clamp: float = 1e-6
 ) -> OutputSpec:
@@ -180,9 +264,10 @@ def resolve_output_fn(
     Args:
         model: the (possibly PEFT-wrapped) model.
         output_fn: ``"auto"`` (``"sequence_log_odds"`` for language models, ``"classification_margin"`` for
-            classifiers), ``"token_log_odds"``, ``"sequence_log_odds"``, ``"classification_margin"``, or a
-            callable ``fn(model_output, batch) -> Tensor[B]`` (used as is; it must work under ``torch.func.vmap``
-            for the batched path, otherwise the collector falls back to a per-example loop).
+            classifiers), a registered name (``"token_log_odds"``, ``"sequence_log_odds"``,
+            ``"classification_margin"``, or one added with :func:`register_output_fn`), or a callable
+            ``fn(model_output, batch) -> Tensor[B]`` (used as is; it must work under ``torch.func.vmap`` for the
+            batched path, otherwise the collector falls back to a per-example loop).
         prob_clamp: clamp of ``p`` for the token log-odds.
     """
     kind = model_kind(model)
@@ -193,36 +278,19 @@ def resolve_output_fn(
             name=f"custom:{module}.{name}" if module else f"custom:{name}", kind=kind, fn=output_fn
         )
     if output_fn == "auto":
-        output_fn = "classification_margin" if kind == "classification" else "sequence_log_odds"
-    if output_fn == "classification_margin":
-        if kind != "classification":
-            raise ValueError(
-                f"output_fn='classification_margin' needs a sequence-classification model, got "
-                f"{type(_base(model)).__name__}; use output_fn='token_log_odds' (or 'auto')."
-            )
-
-        def margin(model_output: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-            return classification_margin_output(_logits(model_output), batch["labels"])
-
-        return OutputSpec(name="classification_margin", kind=kind, fn=margin)
+        output_fn = _AUTO[kind]
     if output_fn in ("seq2seq_token_log_odds", "seq2seq_sequence_log_odds"):  # names as manifests record them
         output_fn = output_fn.removeprefix("seq2seq_")
-    if output_fn in ("token_log_odds", "sequence_log_odds"):
-        if kind == "classification":
-            raise ValueError(
-                f"output_fn={output_fn!r} needs a language model, got {type(_base(model)).__name__}; use "
-                "output_fn='classification_margin' (or 'auto')."
-            )
-        shift = kind == "causal_lm"
-        reduce = token_log_odds_output if output_fn == "token_log_odds" else sequence_log_odds_output
-
-        def log_odds(model_output: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-            return reduce(_logits(model_output), batch["labels"], prob_clamp=prob_clamp, shift=shift)
-
-        name = output_fn if shift else f"seq2seq_{output_fn}"
-        return OutputSpec(name=name, kind=kind, fn=log_odds)
-    raise ValueError(
-        f"output_fn={output_fn!r} is not valid; choose 'auto', 'token_log_odds', 'sequence_log_odds', "
-        "'classification_margin' or pass a "
-        "callable(model_output, batch) -> Tensor[B]."
-    )
+    entry = _OUTPUT_FUNCTIONS.get(output_fn)
+    if entry is None:
+        choices = ", ".join(repr(n) for n in ["auto", *_OUTPUT_FUNCTIONS])
+        raise ValueError(
+            f"output_fn={output_fn!r} is not valid; choose one of {choices} or pass a "
+            "callable(model_output, batch) -> Tensor[B]."
+        )
+    if kind not in entry.kinds:
+        raise ValueError(
+            f"output_fn={output_fn!r} needs {entry.needs}, got {type(_base(model)).__name__}; use "
+            f"output_fn={entry.instead!r} (or 'auto')."
+        )
+    return OutputSpec(name=entry.recorded_name(kind), kind=kind, fn=entry.build(kind, prob_clamp))

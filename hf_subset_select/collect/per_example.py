@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from accelerate.logging import get_logger
@@ -117,8 +117,9 @@ def collate_examples(
     """Right-pad encoded examples into a batch.
 
     LM examples have ``input_ids`` and ``labels`` (same length); seq2seq examples ``input_ids`` and decoder
-    ``labels``; classification examples ``input_ids`` and an int ``label``. Padding uses ``pad_token_id`` in the
-    inputs, 0 in the attention mask and -100 in the labels.
+    ``labels``; classification examples ``input_ids`` and an int ``label``; any of them may have
+    ``token_type_ids``. Padding uses ``pad_token_id`` in the inputs, 0 in the attention mask and the token types,
+    and -100 in the labels.
     """
     batch_size = len(examples)
     max_len = max(len(e["input_ids"]) for e in examples)
@@ -129,6 +130,14 @@ def collate_examples(
         input_ids[i, :n] = torch.as_tensor(e["input_ids"], dtype=torch.long)
         attention_mask[i, :n] = 1
     batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if any(e.get("token_type_ids") is not None for e in examples):
+        token_types = torch.zeros((batch_size, max_len), dtype=torch.long)
+        for i, e in enumerate(examples):
+            if e.get("token_type_ids") is not None:
+                token_types[i, : len(e["token_type_ids"])] = torch.as_tensor(
+                    e["token_type_ids"], dtype=torch.long
+                )
+        batch["token_type_ids"] = token_types
     if kind == "classification":
         batch["labels"] = torch.as_tensor([int(e["label"]) for e in examples], dtype=torch.long)
         return batch
@@ -273,7 +282,14 @@ class PerExampleGradients:
         method: ``"auto"`` (hooks when all trainable parameters are Linear weights/biases, else vmap; falling
             back to a loop with a warning), ``"hooks"``, ``"vmap"`` or ``"loop"``.
         with_representations: also return the mean last hidden state over each example's tokens.
+
+    The gradient paths are looked up by name in :attr:`methods` (``{name: fn(self, batch) -> PerExampleResult}``);
+    a subclass adds a path by extending that table.
     """
+
+    methods: ClassVar[
+        dict[str, Callable[[PerExampleGradients, Mapping[str, torch.Tensor]], PerExampleResult]]
+    ] = {}
 
     def __init__(
         self,
@@ -283,8 +299,9 @@ class PerExampleGradients:
         method: str = "auto",
         with_representations: bool = True,
     ) -> None:
-        if method not in ("auto", "hooks", "vmap", "loop"):
-            raise ValueError(f"method={method!r} is not valid; choose 'auto', 'hooks', 'vmap' or 'loop'.")
+        if method != "auto" and method not in self.methods:
+            choices = ", ".join(repr(m) for m in ["auto", *self.methods])
+            raise ValueError(f"method={method!r} is not valid; choose one of {choices}.")
         self.model = model
         self.spec = output_spec
         self.method = method
@@ -335,6 +352,8 @@ class PerExampleGradients:
             "attention_mask": _additive_mask(allowed, self.dtype),
             "output_hidden_states": self.with_representations,
         }
+        if "token_type_ids" in batch:
+            kwargs["token_type_ids"] = batch["token_type_ids"]
         if per_example_positions and self.spec.kind != "seq2seq" and self._accepts_position_ids:
             positions = torch.arange(length, device=keep.device)
             kwargs["position_ids"] = positions.unsqueeze(0).expand(keep.shape[0], -1)
@@ -449,7 +468,9 @@ class PerExampleGradients:
         for i in range(batch["input_ids"].shape[0]):
             n = int(batch["attention_mask"][i].sum())
             one = {k: v[i : i + 1] for k, v in batch.items()}
-            one["input_ids"], one["attention_mask"] = one["input_ids"][:, :n], one["attention_mask"][:, :n]
+            for key in ("input_ids", "attention_mask", "token_type_ids"):
+                if key in one:
+                    one[key] = one[key][:, :n]
             if self.spec.kind == "causal_lm":
                 one["labels"] = one["labels"][:, :n]
             elif self.spec.kind == "seq2seq":
@@ -503,14 +524,12 @@ class PerExampleGradients:
         """Per-example gradients, outputs and representations for one right-padded batch (on the model's device)."""
         if self.method == "loop" or self.used_fallback:
             return self._loop(batch)
-        if self.requested == "vmap":
-            return self._vmap(batch)
-        if self.requested == "hooks":
-            return self._hooks(batch)
+        if self.requested != "auto":  # asked for by name: no check, no fallback
+            return self.methods[self.requested](self, batch)
         if self._needs_check and self.method == "hooks":
             return self._checked_hooks(batch)
         try:
-            return self._hooks(batch) if self.method == "hooks" else self._vmap(batch)
+            return self.methods[self.method](self, batch)
         except Exception as exc:  # noqa: BLE001 - any vmap incompatibility triggers the documented fallback
             if isinstance(exc, torch.cuda.OutOfMemoryError):
                 raise
@@ -523,3 +542,10 @@ class PerExampleGradients:
                 main_process_only=False,
             )
             return self._loop(batch)
+
+
+PerExampleGradients.methods = {
+    "hooks": PerExampleGradients._hooks,
+    "vmap": PerExampleGradients._vmap,
+    "loop": PerExampleGradients._loop,
+}

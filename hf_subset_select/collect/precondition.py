@@ -15,8 +15,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from accelerate.logging import get_logger
+
+from .distributed import DistState, same_on_every_rank
+
+logger = get_logger(__name__)
 
 __all__ = [
+    "resolve_preconditioner",
     "PreconditionerError",
     "adam_preconditioner",
     "adam_state_summary",
@@ -268,3 +274,72 @@ def scale_gradients(
     if missing:
         raise PreconditionerError(f"The preconditioner has no scale for {missing[:3]}.")
     return _ScaledGradients(grads, preconditioner)
+
+
+def resolve_preconditioner(
+    mode: str,
+    model: Any,
+    named: Sequence[tuple[str, torch.Tensor]],
+    optimizer: Any,
+    preconditioner: Mapping[str, torch.Tensor] | None,
+    dist: DistState,
+) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
+    """The feature scale a collection applies (or None) and its manifest ``precondition`` entry.
+
+    Args:
+        mode: ``CollectConfig.precondition`` (``"none"``, ``"auto"`` or ``"adam"``).
+        model: the model at θ*; ``named`` its trainable parameters.
+        optimizer: the meta-training optimizer, or None.
+        preconditioner: an explicit feature scale (recorded as kind ``"custom"``), or None.
+        dist: every rank must end with the same scale.
+
+    Raises:
+        PreconditionerError: ``mode="adam"`` without Adam state, or the ranks hold different optimizer states.
+    """
+    shapes = [(n, tuple(p.shape)) for n, p in named]
+    if preconditioner is not None and optimizer is not None:
+        raise ValueError("Pass either optimizer= or preconditioner= to collect(), not both.")
+    # AdamW's step size in a few numbers, for the estimator's budget λ rule. Informational: not part of the
+    # collection key, and only the main process (which writes the manifest) computes it.
+    denominator: dict[str, Any] = {}
+    if optimizer is not None and dist.is_main:
+        try:
+            denominator["adam_scalars"] = adam_step_scalars(optimizer, model)
+        except PreconditionerError as exc:  # kept, so that the estimator can say why they are missing
+            denominator["adam_scalars_error"] = str(exc)
+    if mode == "none":
+        if preconditioner is not None:
+            raise ValueError(
+                "collect(preconditioner=...) was given but CollectConfig(precondition='none') asks for raw "
+                "gradients; drop the argument or set precondition='auto'."
+            )
+        return None, {"kind": "none", **denominator}
+    scale: dict[str, torch.Tensor] | None = None
+    info: dict[str, Any] = {"kind": "none"}
+    error: PreconditionerError | None = None
+    if preconditioner is not None:
+        scale = check_preconditioner(preconditioner, shapes)
+        info = {"kind": "custom"}
+    else:
+        try:
+            scale = check_preconditioner(adam_preconditioner(optimizer, model), shapes)
+            info = {"kind": "adam", **adam_state_summary(optimizer, model)}
+        except PreconditionerError as exc:
+            error = exc
+    if scale is not None:
+        info["sha256"] = preconditioner_sha256(scale)
+    info.update(denominator)
+    # every rank reaches this point (errors are raised after it), so no rank waits for one that gave up
+    if not same_on_every_rank(info.get("sha256") or ("error" if error else "none"), dist):
+        raise PreconditionerError(
+            "The processes hold different optimizer states, so their Adam preconditioners differ (a partitioned "
+            "optimizer?). Collect with CollectConfig(precondition='none'), or on one process with "
+            "collect(..., preconditioner=adam_preconditioner(optimizer, model))."
+        )
+    if error is not None:
+        if mode == "adam":
+            raise error
+        logger.info(
+            f"GradientCollector: precondition='auto' collects raw gradients (no Adam preconditioner: {error})"
+        )
+    return scale, info

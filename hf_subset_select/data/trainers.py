@@ -111,6 +111,12 @@ class _StripBookkeepingCollator:
         return getattr(self.base, name)
 
 
+def _bind(callback: Any, trainer: Any) -> None:
+    bind = getattr(callback, "bind_trainer", None)
+    if callable(bind) and not isinstance(callback, type):
+        bind(trainer)
+
+
 class SubsetSelectTrainerMixin:
     """Mix into a ``Trainer`` subclass (first in the bases) to keep ``source`` / ``example_id`` for the plugin.
 
@@ -118,7 +124,9 @@ class SubsetSelectTrainerMixin:
     * a collator with ``handles_bookkeeping = True`` (e.g. ``SubsetSelectingDataCollator``) receives them;
       any other collator gets them stripped;
     * they are removed from the inputs before ``model.forward`` (training and evaluation);
-    * packing / padding-free are refused with :class:`BookkeepingColumnsError`.
+    * packing / padding-free are refused with :class:`BookkeepingColumnsError`;
+    * callbacks with a ``bind_trainer(trainer)`` method (e.g. :class:`~hf_subset_select.GradientCollector`) receive
+      the trainer, so that they can read its processed datasets, data collator and processing code.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -128,6 +136,12 @@ class SubsetSelectTrainerMixin:
         collator = getattr(self, "data_collator", None)
         if collator is not None and not getattr(collator, "handles_bookkeeping", False):
             self.data_collator = _StripBookkeepingCollator(collator)
+        for callback in self.callback_handler.callbacks:
+            _bind(callback, self)
+
+    def add_callback(self, callback: Any) -> None:
+        super().add_callback(callback)  # type: ignore[misc]
+        _bind(self.callback_handler.callbacks[-1], self)
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()  # type: ignore[misc]

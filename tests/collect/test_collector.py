@@ -9,23 +9,15 @@ import pytest
 import torch
 
 from hf_subset_select import CollectConfig, GradientCache, GradientCollector, tag_sources, tag_target_eval
-from hf_subset_select.collect.cache import SHARDS_DIR, complete_shards
-from hf_subset_select.collect.collector import CollectionMismatchError
 from hf_subset_select.collect.outputs import resolve_output_fn
 from hf_subset_select.collect.per_example import PerExampleGradients, collate_examples
 from hf_subset_select.collect.projection import make_projector
+from hf_subset_select.collect.store import SHARDS_DIR, CollectionMismatchError, complete_shards
 from hf_subset_select.data.encode import encode_example
 from hf_subset_select.demo.toy import add_lora, make_tiny_causal_lm, make_tokenizer, toy_text_dataset
 from hf_subset_select.io_utils import fingerprint_tensors
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and spinning threads stall on a shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _theta_star(seed: int = 0):
@@ -156,7 +148,7 @@ def test_examples_without_supervised_tokens_are_skipped_and_counted(tmp_path):
 
 
 def test_killed_collection_resumes_and_equals_an_uninterrupted_run(tmp_path, monkeypatch):
-    import hf_subset_select.collect.collector as collector_mod
+    import hf_subset_select.collect.store as store_mod
 
     train, target = _toy_data()
     model = _theta_star()
@@ -164,7 +156,7 @@ def test_killed_collection_resumes_and_equals_an_uninterrupted_run(tmp_path, mon
         model, output_dir=tmp_path / "ref"
     )
 
-    real_save = collector_mod.save_shard
+    real_save = store_mod.save_shard
     calls = []
 
     def crash_after_two(*args, **kwargs):
@@ -173,7 +165,7 @@ def test_killed_collection_resumes_and_equals_an_uninterrupted_run(tmp_path, mon
         calls.append(args[1])
         return real_save(*args, **kwargs)
 
-    monkeypatch.setattr(collector_mod, "save_shard", crash_after_two)
+    monkeypatch.setattr(store_mod, "save_shard", crash_after_two)
     out = tmp_path / "gc"
     with pytest.raises(KeyboardInterrupt):
         GradientCollector(_config(), train, target, make_tokenizer()).collect(model, output_dir=out)
@@ -190,7 +182,7 @@ def test_killed_collection_resumes_and_equals_an_uninterrupted_run(tmp_path, mon
         resumed.append(args[1])
         return real_save(*args, **kwargs)
 
-    monkeypatch.setattr(collector_mod, "save_shard", count)
+    monkeypatch.setattr(store_mod, "save_shard", count)
     collector = GradientCollector(_config(), train, target, make_tokenizer())
     cache = collector.collect(model, output_dir=out)
     assert resumed == [2, 3, 4]  # 36 examples / 8 per shard = 5 shards, 2 were done
@@ -202,11 +194,11 @@ def test_killed_collection_resumes_and_equals_an_uninterrupted_run(tmp_path, mon
 
 
 def test_corrupt_shard_is_recomputed(tmp_path, monkeypatch):
-    import hf_subset_select.collect.collector as collector_mod
+    import hf_subset_select.collect.store as store_mod
 
     train, target = _toy_data()
     model = _theta_star()
-    real_save = collector_mod.save_shard
+    real_save = store_mod.save_shard
     calls = []
 
     def crash_after_three(*args, **kwargs):
@@ -215,7 +207,7 @@ def test_corrupt_shard_is_recomputed(tmp_path, monkeypatch):
         calls.append(args[1])
         return real_save(*args, **kwargs)
 
-    monkeypatch.setattr(collector_mod, "save_shard", crash_after_three)
+    monkeypatch.setattr(store_mod, "save_shard", crash_after_three)
     out = tmp_path / "gc"
     with pytest.raises(RuntimeError):
         GradientCollector(_config(), train, target, make_tokenizer()).collect(model, output_dir=out)
@@ -224,9 +216,7 @@ def test_corrupt_shard_is_recomputed(tmp_path, monkeypatch):
     raw[-1] ^= 0xFF  # flip a bit: same size, wrong checksum
     data.write_bytes(bytes(raw))
     redone = []
-    monkeypatch.setattr(
-        collector_mod, "save_shard", lambda *a, **k: redone.append(a[1]) or real_save(*a, **k)
-    )
+    monkeypatch.setattr(store_mod, "save_shard", lambda *a, **k: redone.append(a[1]) or real_save(*a, **k))
     cache = GradientCollector(_config(), train, target, make_tokenizer()).collect(model, output_dir=out)
     assert redone == [1, 3, 4]
     assert cache.num_examples == 36
@@ -271,19 +261,19 @@ def test_mismatched_directory_is_refused_unless_overwrite(tmp_path, monkeypatch)
     with pytest.raises(CollectionMismatchError, match="not written by GradientCollector"):
         GradientCollector(_config(), train, target, tok).collect(model, output_dir=foreign)
     # a partial collection (killed run) made with other settings is refused too
-    import hf_subset_select.collect.collector as collector_mod
+    import hf_subset_select.collect.store as store_mod
 
-    real_save = collector_mod.save_shard
+    real_save = store_mod.save_shard
 
     def crash(*args, **kwargs):
         real_save(*args, **kwargs)
         raise RuntimeError("simulated crash")
 
     partial = tmp_path / "partial"
-    monkeypatch.setattr(collector_mod, "save_shard", crash)
+    monkeypatch.setattr(store_mod, "save_shard", crash)
     with pytest.raises(RuntimeError, match="simulated"):
         GradientCollector(_config(), train, target, tok).collect(model, output_dir=partial)
-    monkeypatch.setattr(collector_mod, "save_shard", real_save)
+    monkeypatch.setattr(store_mod, "save_shard", real_save)
     with pytest.raises(CollectionMismatchError, match="partial collection.*projection.seed"):
         GradientCollector(_config(seed=3), train, target, tok).collect(model, output_dir=partial)
 

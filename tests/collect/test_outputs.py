@@ -188,3 +188,24 @@ def test_sequence_log_odds_gradient_is_the_sft_loss_gradient_up_to_its_factor():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     # a manifest's recorded names resolve back
     assert resolve_output_fn(model, spec.name).name == "sequence_log_odds"
+
+
+def test_a_registered_output_function_is_selected_by_name():
+    from hf_subset_select.collect.outputs import _OUTPUT_FUNCTIONS, OutputFunction, register_output_fn
+    from hf_subset_select.demo.toy import make_tiny_causal_lm, make_tiny_classifier
+
+    def first_logit(kind, prob_clamp):
+        return lambda out, batch: out.logits[:, 0, 0]
+
+    register_output_fn(
+        OutputFunction("first_logit", ("causal_lm",), first_logit, "a causal LM", "classification_margin")
+    )
+    try:
+        spec = resolve_output_fn(make_tiny_causal_lm("gpt2"), "first_logit")
+        assert spec.name == "first_logit" and spec.kind == "causal_lm"
+        with pytest.raises(ValueError, match=r"needs a causal LM, .*output_fn='classification_margin'"):
+            resolve_output_fn(make_tiny_classifier(), "first_logit")
+    finally:
+        _OUTPUT_FUNCTIONS.pop("first_logit")
+    with pytest.raises(ValueError, match="'first_logit' is not valid"):
+        resolve_output_fn(make_tiny_causal_lm("gpt2"), "first_logit")

@@ -17,14 +17,7 @@ from hf_subset_select.collect.per_example import (
 from hf_subset_select.collect.projection import make_projector
 from hf_subset_select.demo.toy import add_lora, make_tiny_causal_lm, make_tiny_classifier
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and spinning threads stall on a shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _examples(seed=0, lengths=(11, 7, 4, 9)):
@@ -314,3 +307,69 @@ def test_seq2seq_decoder_labels_padding_invariant():
     for name, g in looped.grads.items():
         torch.testing.assert_close(batched.grads[name], g, rtol=1e-4, atol=1e-4 * float(g.abs().max()))
     torch.testing.assert_close(batched.outputs, looped.outputs, rtol=1e-5, atol=1e-6)
+
+
+def test_token_types_reach_the_model_on_every_gradient_path():
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        type_vocab_size=2,
+        pad_token_id=0,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    base = BertForSequenceClassification(cfg)
+    with torch.no_grad():
+        base.bert.embeddings.token_type_embeddings.weight.normal_(0, 1.0)
+        base.classifier.weight.normal_(0, 1.0)
+    model = _theta_star(
+        get_peft_model(base, LoraConfig(r=2, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    )
+    examples = [
+        {
+            "input_ids": e["input_ids"],
+            "label": e["label"],
+            "token_type_ids": [0] * 3 + [1] * (len(e["input_ids"]) - 3),
+        }
+        for e in _examples()
+    ]
+    batch = collate_examples(examples, "classification")
+    assert batch["token_type_ids"][0, -1] == 1 and batch["token_type_ids"][2, -1] == 0  # padded with 0
+    spec = resolve_output_fn(model)
+    with torch.no_grad():
+        reference = spec(model(**{k: v for k, v in batch.items() if k != "labels"}), batch)
+        untyped = spec(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]), batch)
+    assert float((reference - untyped).abs().max()) > 1e-3
+    results = {m: PerExampleGradients(model, spec, method=m)(batch) for m in ("hooks", "vmap", "loop")}
+    for method, result in results.items():
+        torch.testing.assert_close(result.outputs, reference, rtol=1e-4, atol=1e-5, msg=method)
+        for name, g in results["loop"].grads.items():
+            torch.testing.assert_close(result.grads[name], g, rtol=1e-3, atol=1e-6, msg=method)
+
+
+def test_a_gradient_path_is_added_through_the_methods_table():
+    calls = []
+
+    class Counting(PerExampleGradients):
+        methods = {
+            **PerExampleGradients.methods,
+            "counted": lambda self, batch: calls.append(1) or self._loop(batch),
+        }
+
+    model = _theta_star(add_lora(make_tiny_causal_lm("gpt2", seed=0))).eval()
+    spec = resolve_output_fn(model)
+    batch = collate_examples(_examples(), spec.kind)
+    got = Counting(model, spec, method="counted")(batch)
+    ref = PerExampleGradients(model, spec, method="loop")(batch)
+    assert calls == [1]
+    torch.testing.assert_close(got.outputs, ref.outputs)
+    with pytest.raises(ValueError, match="'counted'"):
+        Counting(model, spec, method="nope")  # the error lists the known paths

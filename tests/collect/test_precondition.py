@@ -33,13 +33,7 @@ from hf_subset_select.demo.synthetic import make_synthetic_cache
 from hf_subset_select.demo.toy import add_lora, make_tiny_causal_lm
 from hf_subset_select.estimate import forward_check
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _theta_star(seed: int = 0):
@@ -244,7 +238,9 @@ def test_auto_falls_back_to_raw_gradients_without_adam_state(tmp_path, toy_sourc
     trainer = _train(tmp_path, model, tokenizer, train, [auto], optim="sgd", steps=2)
     info = GradientCache.load(tmp_path / "auto").manifest["precondition"]
     # raw gradients, and the reason AdamW's step size could not be read is kept for the estimator's error
-    assert info["kind"] == "none" and "adam_scalars" not in info and "exp_avg_sq" in info["adam_scalars_error"]
+    assert (
+        info["kind"] == "none" and "adam_scalars" not in info and "exp_avg_sq" in info["adam_scalars_error"]
+    )
     assert auto.cache.preconditioner is None and auto.stats["precondition"] == "none"
     raw = GradientCollector(_config(precondition="none"), train, target_eval, tokenizer)
     torch.testing.assert_close(

@@ -147,3 +147,24 @@ def test_projector_from_manifest_regenerates_the_map_or_refuses():
         projector_from_manifest({**original.manifest(), "scheme": "old-v0"}, SHAPES)
     with pytest.raises(ValueError, match="same θ"):
         projector_from_manifest(original.manifest(), {"other": (7,)})
+
+
+def test_a_registered_projector_kind_is_built_by_make_projector():
+    from hf_subset_select.collect.projection import _PROJECTORS, IdentityProjector, register_projector
+
+    @register_projector
+    class Doubled(IdentityProjector):
+        kind = "doubled"
+
+        def project(self, grads):
+            return 2 * super().project(grads)
+
+    try:
+        proj = make_projector("doubled", 8, 0, [("w", (2, 3))])
+        assert isinstance(proj, Doubled) and proj.manifest()["kind"] == "doubled" and proj.dim == 6
+        g = {"w": torch.ones(1, 2, 3)}
+        assert torch.equal(proj.project(g), 2 * torch.ones(1, 6))
+    finally:
+        _PROJECTORS.pop("doubled")
+    with pytest.raises(ValueError, match="'doubled' is not valid"):
+        make_projector("doubled", 8, 0, [("w", (2, 3))])

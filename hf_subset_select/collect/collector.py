@@ -283,7 +283,9 @@ class GradientCollector(TrainerCallback):
         """The trainer's rows when bound to a trainer, else the collector's own."""
         max_length = self.config.max_length
         if self.trainer is not None:
-            return TrainerRows(self.trainer, self.train_dataset, self.target_dataset, max_length, spec.kind)
+            return TrainerRows(
+                self.trainer, self.train_dataset, self.target_dataset, max_length, spec.kind, tokenizer
+            )
         pad_id = pad_token_id(model, tokenizer)
         return EncodedRows(self.train_dataset, self.target_dataset, tokenizer, max_length, spec.kind, pad_id)
 

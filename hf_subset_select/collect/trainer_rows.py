@@ -7,7 +7,8 @@ processed by the trainer's own code: TRL's ``SFTTrainer._prepare_dataset`` (chat
 completion / assistant masks, truncation), without packing or a formatting function. Rows that already have
 ``input_ids`` are used as they are. Every model input the trainer produces is kept (``input_ids``, ``labels``,
 ``token_type_ids``, the class ``label``). A plain ``Trainer`` has no processing code: its raw rows are encoded by
-:func:`~hf_subset_select.data.encode.encode_row` with the trainer's ``processing_class``.
+:func:`~hf_subset_select.data.encode.encode_row` with the collector's ``tokenizer=``, else the trainer's
+``processing_class``, else the tokenizer of its data collator (the quickstart passes no ``processing_class``).
 """
 
 from __future__ import annotations
@@ -60,15 +61,27 @@ class TrainerRows(RowSource):
         target_dataset: the collector's target rows.
         max_length: ``CollectConfig.max_length`` (rows longer than that are cut, which the self-check reports).
         kind: the model kind.
+        tokenizer: the collector's tokenizer, for raw rows; None: the trainer's (see the module docstring).
     """
 
     reference = "the trainer's rows"
 
     def __init__(
-        self, trainer: Any, train_dataset: Any, target_dataset: Any, max_length: int, kind: str
+        self,
+        trainer: Any,
+        train_dataset: Any,
+        target_dataset: Any,
+        max_length: int,
+        kind: str,
+        tokenizer: Any = None,
     ) -> None:
         self.trainer = trainer
-        self.tokenizer = trainer_tokenizer(trainer)
+        self.tokenizer = tokenizer if tokenizer is not None else trainer_tokenizer(trainer)
+        collator = getattr(trainer, "data_collator", None)
+        if (
+            self.tokenizer is None and collator is not None
+        ):  # e.g. DataCollatorWithPadding(tok), no processing_class
+            self.tokenizer = getattr(_plain_collator(collator), "tokenizer", None)
         own = getattr(trainer, "train_dataset", None)
         if own is None or any(c not in _columns(own) for c in BOOKKEEPING_COLUMNS):
             own = self._prepare(train_dataset, "collector_train")

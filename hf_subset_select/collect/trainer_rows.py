@@ -78,9 +78,7 @@ class TrainerRows(RowSource):
         self.trainer = trainer
         self.tokenizer = tokenizer if tokenizer is not None else trainer_tokenizer(trainer)
         collator = getattr(trainer, "data_collator", None)
-        if (
-            self.tokenizer is None and collator is not None
-        ):  # e.g. DataCollatorWithPadding(tok), no processing_class
+        if self.tokenizer is None and collator is not None:  # e.g. DataCollatorWithPadding(tok)
             self.tokenizer = getattr(_plain_collator(collator), "tokenizer", None)
         own = getattr(trainer, "train_dataset", None)
         if own is None or any(c not in _columns(own) for c in BOOKKEEPING_COLUMNS):

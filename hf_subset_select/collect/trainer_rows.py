@@ -7,7 +7,8 @@ processed by the trainer's own code: TRL's ``SFTTrainer._prepare_dataset`` (chat
 completion / assistant masks, truncation), without packing or a formatting function. Rows that already have
 ``input_ids`` are used as they are. Every model input the trainer produces is kept (``input_ids``, ``labels``,
 ``token_type_ids``, the class ``label``). A plain ``Trainer`` has no processing code: its raw rows are encoded by
-:func:`~hf_subset_select.data.encode.encode_row` with the trainer's ``processing_class``.
+:func:`~hf_subset_select.data.encode.encode_row` with the collector's ``tokenizer=``, else the trainer's
+``processing_class``, else the tokenizer of its data collator (the quickstart passes no ``processing_class``).
 """
 
 from __future__ import annotations
@@ -76,6 +77,9 @@ class TrainerRows(RowSource):
     ) -> None:
         self.trainer = trainer
         self.tokenizer = tokenizer if tokenizer is not None else trainer_tokenizer(trainer)
+        collator = getattr(trainer, "data_collator", None)
+        if self.tokenizer is None and collator is not None:  # e.g. DataCollatorWithPadding(tok)
+            self.tokenizer = getattr(_plain_collator(collator), "tokenizer", None)
         own = getattr(trainer, "train_dataset", None)
         if own is None or any(c not in _columns(own) for c in BOOKKEEPING_COLUMNS):
             own = self._prepare(train_dataset, "collector_train")

@@ -244,3 +244,54 @@ def test_bound_plain_trainer_uses_its_tokenized_rows_and_collator(tmp_path, bos_
     )
     where = int(torch.nonzero((cache.example_ids == row["example_id"]) & (cache.split == 0))[0, 0])
     torch.testing.assert_close(cache.outputs[where], expected[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("given", ["collector_tokenizer", "collator_tokenizer"])
+def test_bound_trainer_without_processing_class_encodes_raw_target_rows(tmp_path, pair_tokenizer, given):
+    """The quickstart's plain-Trainer setup passes no processing_class: raw target rows are encoded with the
+    collector's tokenizer= (as the error message advises) or else the data collator's tokenizer."""
+    from datasets import Dataset
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        DataCollatorWithPadding,
+        TrainingArguments,
+    )
+
+    from hf_subset_select import SubsetSelectTrainer
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=len(pair_tokenizer),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        num_labels=2,
+        pad_token_id=0,
+    )
+    rows = [{"text": "add 1 2", "text_pair": "yes the a", "label": i % 2} for i in range(4)]
+    train = tag_sources({"a": Dataset.from_list(rows), "b": Dataset.from_list(rows[:2])}, target="a")
+    target = tag_target_eval(Dataset.from_list(rows[:2]), name="t")
+    tokenized = train.map(lambda ex: pair_tokenizer(ex["text"], ex["text_pair"]))
+    tokenizer = pair_tokenizer if given == "collector_tokenizer" else None
+    collector = GradientCollector(_config(tmp_path), train, target, tokenizer)
+    trainer = SubsetSelectTrainer(
+        model=BertForSequenceClassification(cfg),
+        args=TrainingArguments(
+            output_dir=str(tmp_path / "run"),
+            max_steps=1,
+            per_device_train_batch_size=2,
+            report_to=[],
+            disable_tqdm=True,
+            save_strategy="no",
+            use_cpu=True,
+        ),
+        train_dataset=tokenized,
+        data_collator=DataCollatorWithPadding(pair_tokenizer),
+        callbacks=[collector],
+    )
+    trainer.train()
+    assert collector.cache.num_examples == 8
+    assert int((collector.cache.split == 1).sum()) == 2

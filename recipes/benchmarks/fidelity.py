@@ -446,7 +446,6 @@ def main() -> None:
             proj_type="identity",
             max_length=16,
             batch_size=32,
-            target_source="target",
             precondition=args.precondition,
             output_fn=args.output_fn,
         ),

@@ -478,7 +478,6 @@ def main() -> None:
                 proj_type="identity",
                 max_length=args.max_length,
                 batch_size=32,
-                target_source="target",
                 output_dir=os.path.join(work, f"grad_cache_{pc}"),
                 **extra,
             ),

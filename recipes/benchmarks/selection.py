@@ -121,7 +121,6 @@ def main() -> None:
     collector = GradientCollector(
         CollectConfig(
             max_length=args.max_length,
-            target_source="target",
             representations=True,
             output_dir=os.path.join(work, "grad_cache"),
         ),

@@ -40,7 +40,6 @@ what the model's curvature alone costs (no first-order estimate can do better th
 beyond it comes from modelling the optimizer by one regularized solve.
 """
 
-
 from __future__ import annotations
 
 import copy
@@ -127,7 +126,9 @@ def parse_args(argv: list[str] | None = None) -> Any:
         help="CollectConfig.precondition: raw gradients (none, the library's default) or Adam geometry from the "
         "meta-training optimizer (auto/adam)",
     )
-    parser.add_argument("--truth-cache", default=None, help="JSON file that keeps the real fine-tuning results")
+    parser.add_argument(
+        "--truth-cache", default=None, help="JSON file that keeps the real fine-tuning results"
+    )
     args = parser.parse_args(argv)
     if args.lr is None:
         args.lr = 0.05 if args.optim == "sgd" else 1e-3
@@ -223,7 +224,10 @@ class Run:
         self.cache_id = cache = self.collector.cache
         self.train_rows, self.eval_rows = task.rows(data.train), task.rows(data.dev)
         self.f_theta = dict(
-            zip(cache.example_ids[cache.train_mask].tolist(), cache.outputs[cache.train_mask].double().tolist())
+            zip(
+                cache.example_ids[cache.train_mask].tolist(),
+                cache.outputs[cache.train_mask].double().tolist(),
+            )
         )
         self.base_loss = task.score(self.model, self.eval_rows)["loss"]
         self.shapes = [(n, tuple(q.shape)) for n, q in self.model.named_parameters() if q.requires_grad]
@@ -261,7 +265,9 @@ class Run:
     def run_truth(self) -> None:
         """Random subsets (calibration ones first) and their real fine-tunes (or the truth cache's)."""
         args = self.args
-        self.subsets = random_subsets(self.data.candidates, args.num_calib + args.num_eval, f"fidelity-subsets-{args.seed}")
+        self.subsets = random_subsets(
+            self.data.candidates, args.num_calib + args.num_eval, f"fidelity-subsets-{args.seed}"
+        )
         self.calib, self.evals = self.subsets[: args.num_calib], self.subsets[args.num_calib :]
         self.ft_model = copy.deepcopy(self.model)
         manifest = {
@@ -272,7 +278,9 @@ class Run:
             "torch": torch.__version__,
         }
         cache = TruthCache(args.truth_cache, manifest, ("budget",)) if args.truth_cache else None
-        truth, self.watch, self.reused = real_finetunes([(b,) for b in self.budgets], self.subsets, self.finetune_subset, cache)
+        truth, self.watch, self.reused = real_finetunes(
+            [(b,) for b in self.budgets], self.subsets, self.finetune_subset, cache
+        )
         self.truth = {key[0]: by_subset for key, by_subset in truth.items()}
 
     def linearized(self, budget: str) -> dict[str, Any]:
@@ -291,14 +299,22 @@ class Run:
             sim.append(
                 sum(
                     linearized_finetune(
-                        self.cache_id, positions, steps=self.budgets[budget](len(rows)), lr=args.lr,
-                        batch_size=BATCH_SIZE, seed=k, optim=args.optim, param_order=[n for n, _ in self.shapes],
+                        self.cache_id,
+                        positions,
+                        steps=self.budgets[budget](len(rows)),
+                        lr=args.lr,
+                        batch_size=BATCH_SIZE,
+                        seed=k,
+                        optim=args.optim,
+                        param_order=[n for n, _ in self.shapes],
                     )  # fmt: skip
                     for k in range(args.seeds)
                 )
                 / args.seeds
             )
-        m = fidelity_metrics(sim, [tb[s]["loss"] for s in evals], self.base_loss, [tb[s]["token_ce"] for s in evals])
+        m = fidelity_metrics(
+            sim, [tb[s]["loss"] for s in evals], self.base_loss, [tb[s]["token_ce"] for s in evals]
+        )
         return {
             "spearman": m["spearman"],
             "mean_relative_error": m["mean_relative_error"],
@@ -329,7 +345,12 @@ class Run:
             base=self.base_loss,
             other=[tb[s]["token_ce"] for s in evals],
             other_name="token_ce",
-            budget={"lr": self.args.lr, "steps": steps, "optimizer": self.args.optim, "batch_size": BATCH_SIZE},
+            budget={
+                "lr": self.args.lr,
+                "steps": steps,
+                "optimizer": self.args.optim,
+                "batch_size": BATCH_SIZE,
+            },
             solver=solver,
         )
         return {
@@ -378,14 +399,18 @@ def budget_entry(run: Run, budget: str, forward: dict[str, Any]) -> dict[str, An
         if d in (args.headline_dim, "identity") and budget == "short":
             # forward check: θ* + P ŵ_S (calibrated λ and step scale) evaluated for real
             run.model.load_state_dict(run.theta)
-            forward[d] = forward_figures(est, run.model, evals, run.data.dev, t, tokenizer=run.task.tokenizer, max_length=16)
+            forward[d] = forward_figures(
+                est, run.model, evals, run.data.dev, t, tokenizer=run.task.tokenizer, max_length=16
+            )
             run.model.load_state_dict(run.theta)
     head = entry["by_dim"].get(args.headline_dim) or next(iter(entry["by_dim"].values()))
     entry.update(pick(head, HEADLINE_KEYS))
     return entry
 
 
-def result_dict(run: Run, by_budget: dict[str, Any], forward: dict[str, Any], estimate_seconds: float) -> dict:
+def result_dict(
+    run: Run, by_budget: dict[str, Any], forward: dict[str, Any], estimate_seconds: float
+) -> dict:
     """The JSON results (headline: the short budget at ``--headline-dim``, fast solver)."""
     args, cache, short = run.args, run.cache_id, by_budget["short"]
     head = short["by_dim"].get(args.headline_dim)

@@ -33,6 +33,7 @@ by a later run with the same settings, data and θ* (the manifest is checked), e
 
 Headline: ``precondition="auto"``, the first learning rate, the short budget, no projection, fast solver.
 """
+
 from __future__ import annotations
 
 import json
@@ -115,7 +116,9 @@ def parse_args(argv: list[str] | None = None) -> Any:
         help="d at which the exact solver also runs (at d = p = 76k its calibration grid takes tens of minutes)",
     )
     parser.add_argument(
-        "--preconditions", default="auto,none", help="collector precondition settings to compare (first = headline)"
+        "--preconditions",
+        default="auto,none",
+        help="collector precondition settings to compare (first = headline)",
     )
     parser.add_argument("--no-forward-check", action="store_true")
     parser.add_argument(
@@ -149,7 +152,10 @@ class Run:
             lora_rank=args.lora_rank,
         )
         self.data: TaskData = self.task.build(args.seed)
-        self.budgets = {"short": lambda n: args.short_steps, "epoch": lambda n: math.ceil(n / args.batch_size)}
+        self.budgets = {
+            "short": lambda n: args.short_steps,
+            "epoch": lambda n: math.ceil(n / args.batch_size),
+        }
         self.estimators: dict[tuple[str, str, str, str], dict[str, Any]] = {}
 
     def meta_train(self) -> None:
@@ -179,18 +185,27 @@ class Run:
             logging_steps=20,
         )  # fmt: skip
         model = task.make_model(args.seed)
-        self.model, self.meta_seconds = meta_train(model, targs, data.train, task.collate, list(self.collectors.values()))
+        self.model, self.meta_seconds = meta_train(
+            model, targs, data.train, task.collate, list(self.collectors.values())
+        )
         self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         self.theta = {n: p.detach().clone() for n, p in self.params.items()}
         shapes = [(n, tuple(p.shape)) for n, p in self.params.items()]
         self.train_rows, self.eval_rows = task.rows(data.train), task.rows(data.dev)
         at_theta = task.score(self.model, self.eval_rows)
-        self.f_target_theta, self.base_loss, self.base_accuracy = at_theta["f"], at_theta["loss"], at_theta["accuracy"]
+        self.f_target_theta, self.base_loss, self.base_accuracy = (
+            at_theta["f"],
+            at_theta["loss"],
+            at_theta["accuracy"],
+        )
         self.caches = {pc: caches_by_dim(c.cache, self.dims, shapes) for pc, c in self.collectors.items()}
         first = next(iter(self.collectors.values())).cache
         self.first_cache = first
         self.f_theta = dict(
-            zip(first.example_ids[first.train_mask].tolist(), first.outputs[first.train_mask].double().tolist())
+            zip(
+                first.example_ids[first.train_mask].tolist(),
+                first.outputs[first.train_mask].double().tolist(),
+            )
         )
 
     def finetune_subset(self, key: tuple, subset: tuple[str, ...], watch: Stopwatch) -> dict[str, Any]:
@@ -272,14 +287,20 @@ class Run:
             }
         return self.estimators[key]
 
-    def evaluate(self, lr: float, budget: str, pc: str, d: str, solver: str, in_sample: bool = True) -> dict[str, Any]:
+    def evaluate(
+        self, lr: float, budget: str, pc: str, d: str, solver: str, in_sample: bool = True
+    ) -> dict[str, Any]:
         """Every estimate figure of one (learning rate, budget, precondition, d, solver) cell."""
         cached = self.estimator(pc, budget, d, solver)
         tb = self.truth[(lr, budget)]
         t0 = time.perf_counter()
         # budget λ rule steps: per subset for "short" (reduction="mean"); for "epoch" (reduction="sum") those of one
         # epoch over every training row
-        steps = self.args.short_steps if budget == "short" else math.ceil(len(self.train_rows) / self.args.batch_size)
+        steps = (
+            self.args.short_steps
+            if budget == "short"
+            else math.ceil(len(self.train_rows) / self.args.batch_size)
+        )
         res = estimate_figures(
             cached["est"],
             auto_l2=cached["auto_l2"],
@@ -288,7 +309,9 @@ class Run:
             truth=[tb[s]["loss"] for s in self.evals],
             calib_truth={s: tb[s]["loss"] for s in self.calib},
             base=self.base_loss,
-            other=[1.0 - tb[s]["accuracy"] for s in self.evals],  # the error rate: its Spearman is spearman_accuracy
+            other=[
+                1.0 - tb[s]["accuracy"] for s in self.evals
+            ],  # the error rate: its Spearman is spearman_accuracy
             other_name="accuracy",
             budget={"lr": lr, "steps": steps, "optimizer": "adamw", "batch_size": self.args.batch_size},
             solver=solver,
@@ -346,17 +369,23 @@ def truth_statistics(run: Run, lr: float, budget: str) -> dict[str, Any]:
     }
 
 
-def headline_extras(run: Run, res: dict[str, Any], ts: dict[str, Any], key: str, budget: str) -> dict[str, Any]:
+def headline_extras(
+    run: Run, res: dict[str, Any], ts: dict[str, Any], key: str, budget: str
+) -> dict[str, Any]:
     """At the headline d: the estimated per-source effects against the true ones, and the forward check (short
     budget) of the calibrated estimator."""
     candidates, all_subsets = run.data.candidates, run.calib + run.evals
-    effects = membership_effects(all_subsets, res["estimates_default_calibration_subsets"] + res["estimates_default"], candidates)
+    effects = membership_effects(
+        all_subsets, res["estimates_default_calibration_subsets"] + res["estimates_default"], candidates
+    )
     true_eff = ts["true_source_effects"]
     res["estimated_source_effects"] = effects
-    res["source_effects_spearman"] = spearman([effects[s] for s in candidates], [true_eff[s] for s in candidates])
-    res["source_effects_sign_agreement"] = sum((effects[s] > 0) == (true_eff[s] > 0) for s in candidates) / len(
-        candidates
+    res["source_effects_spearman"] = spearman(
+        [effects[s] for s in candidates], [true_eff[s] for s in candidates]
     )
+    res["source_effects_sign_agreement"] = sum(
+        (effects[s] > 0) == (true_eff[s] > 0) for s in candidates
+    ) / len(candidates)
     if budget != "short" or run.args.no_forward_check:
         return {}
     restore(run.params, run.theta)  # θ* + step (calibrated λ and step scale) evaluated for real
@@ -367,7 +396,9 @@ def headline_extras(run: Run, res: dict[str, Any], ts: dict[str, Any], key: str,
     return {key: fw}
 
 
-def budget_entry(run: Run, pc: str, lr: float, budget: str, ts: dict[str, Any], forward: dict) -> dict[str, Any]:
+def budget_entry(
+    run: Run, pc: str, lr: float, budget: str, ts: dict[str, Any], forward: dict
+) -> dict[str, Any]:
     """All d (and the exact solver at ``--exact-dim``) of one (precondition, learning rate, budget)."""
     args = run.args
     entry: dict[str, Any] = {**ts, "by_dim": {}}
@@ -401,7 +432,10 @@ def summary_row(run: Run, pc: str, lr: float, budget: str, entry: dict[str, Any]
         "budget": budget,
         **pick(head, SUMMARY_KEYS),
         "exact_dim": exact_dim,
-        **{f"exact_{k}": exact.get(k) for k in ("spearman", "calibrated_spearman", "calibrated_mean_relative_error")},
+        **{
+            f"exact_{k}": exact.get(k)
+            for k in ("spearman", "calibrated_spearman", "calibrated_mean_relative_error")
+        },
         "source_effects_spearman": head.get("source_effects_spearman"),
         **pick(entry, ("seed_to_seed_spearman", "truth_noise_std", "truth_spread_std")),
         "true_train_output_rms_change_median": entry["true_train_output_rms_change_median"],
@@ -433,7 +467,9 @@ def estimates(run: Run) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, 
     return by_precondition, forward, summary, seconds
 
 
-def result_dict(run: Run, by_precondition: dict, forward: dict, summary: list, estimate_seconds: float) -> dict:
+def result_dict(
+    run: Run, by_precondition: dict, forward: dict, summary: list, estimate_seconds: float
+) -> dict:
     """The JSON results (headline: first precondition, first learning rate, short budget, ``--headline-dim``)."""
     args, first = run.args, run.first_cache
     head_pc, head_lr = run.preconditions[0], f"{run.lrs[0]:g}"

@@ -33,7 +33,6 @@ The evaluation split scored here is the one the collector's target rows come fro
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -72,7 +71,9 @@ def parse_args(argv: list[str] | None = None) -> Any:
     parser.add_argument("--max-length", type=int, default=24)
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--meta-epochs", type=int, default=3)
-    parser.add_argument("--lr", type=float, default=1e-3, help="meta-training and target fine-tune learning rate")
+    parser.add_argument(
+        "--lr", type=float, default=1e-3, help="meta-training and target fine-tune learning rate"
+    )
     parser.add_argument("--steps", type=int, default=120, help="target fine-tune steps (batch 16)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--random-draws", type=int, default=3)
@@ -97,7 +98,12 @@ def collect(args: Any, task: WordNetGlossTask, data: TaskData) -> tuple[Any, flo
         tokenizer=task.tokenizer,
     )
     targs = meta_training_arguments(
-        work, epochs=args.meta_epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, logging_steps=50
+        work,
+        epochs=args.meta_epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        logging_steps=50,
     )
     _, seconds = meta_train(task.make_model(args.seed), targs, data.train, task.collate, [collector])
     return collector.cache, seconds
@@ -160,7 +166,13 @@ def finetune_all(
             t0 = time.perf_counter()
             restore(params, init)
             task.finetune(
-                model, params.values(), rows, steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=seed
+                model,
+                params.values(),
+                rows,
+                steps=args.steps,
+                lr=args.lr,
+                batch_size=args.batch_size,
+                seed=seed,
             )
             scored = task.score(model, eval_rows)
             seconds += time.perf_counter() - t0
@@ -169,7 +181,9 @@ def finetune_all(
     return results, seconds
 
 
-def method_summary(subset: tuple[str, ...], runs: list[dict[str, float]], roles: dict[str, str]) -> dict[str, Any]:
+def method_summary(
+    subset: tuple[str, ...], runs: list[dict[str, float]], roles: dict[str, str]
+) -> dict[str, Any]:
     """A method's selected sources and its accuracy and loss over seeds (mean, std, per run)."""
     acc, acc_std = mean_std([r["accuracy"] for r in runs])
     loss, loss_std = mean_std([r["loss"] for r in runs])
@@ -212,7 +226,8 @@ def compare(methods: dict[str, Any], sizes: list[int], draws: int) -> tuple[dict
         ours = [r["accuracy"] for r in methods[name]["runs"]]
         if len(ours) >= 2:
             paired[name] = {
-                other: paired_bootstrap(ours, [r["accuracy"] for r in methods[other]["runs"]]) for other in against
+                other: paired_bootstrap(ours, [r["accuracy"] for r in methods[other]["runs"]])
+                for other in against
             }
     return ours_vs, paired
 

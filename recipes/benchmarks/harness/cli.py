@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def benchmark_parser(
@@ -23,7 +24,9 @@ def benchmark_parser(
     """
     text = doc or ""
     if raw_description:
-        parser = argparse.ArgumentParser(description=text, formatter_class=argparse.RawDescriptionHelpFormatter)
+        parser = argparse.ArgumentParser(
+            description=text, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
     else:
         parser = argparse.ArgumentParser(description=text.splitlines()[0] if text else None)
     parser.add_argument("--output", required=True, help="JSON file for the results")

@@ -6,7 +6,8 @@ line to change. Estimators are only built as ``FirstOrderEstimator(cache, Estima
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -32,7 +33,9 @@ def calibrate(estimator: Any, real_results: Any, **kwargs: Any) -> dict[str, Any
     return estimator.calibrate(real_results, **kwargs)
 
 
-def forward_check(estimator: Any, model: Any, subsets: Any, target_dataset: Any, **kwargs: Any) -> torch.Tensor:
+def forward_check(
+    estimator: Any, model: Any, subsets: Any, target_dataset: Any, **kwargs: Any
+) -> torch.Tensor:
     """Target losses at θ* + the fitted step of each subset, evaluated for real (``model`` holds θ*)."""
     return estimator.forward_check(model, subsets, target_dataset, **kwargs)
 
@@ -102,7 +105,9 @@ def project_cache(cache: Any, dim: int, shapes: list[tuple[str, tuple[int, ...]]
     from hf_subset_select.collect.projection import make_projector
 
     proj = make_projector("auto", dim, 0, shapes)
-    feats = torch.cat([proj.project_flat(cache.features[i : i + 256]) for i in range(0, cache.num_examples, 256)])
+    feats = torch.cat(
+        [proj.project_flat(cache.features[i : i + 256]) for i in range(0, cache.num_examples, 256)]
+    )
     manifest = {**cache.manifest, "projection": proj.manifest()}
     manifest.pop("fingerprint", None)
     return GradientCache(
@@ -118,6 +123,8 @@ def project_cache(cache: Any, dim: int, shapes: list[tuple[str, tuple[int, ...]]
     )
 
 
-def caches_by_dim(cache: Any, dims: Sequence[str], shapes: list[tuple[str, tuple[int, ...]]]) -> dict[str, Any]:
+def caches_by_dim(
+    cache: Any, dims: Sequence[str], shapes: list[tuple[str, tuple[int, ...]]]
+) -> dict[str, Any]:
     """``{d: cache at d}`` for each entry of ``dims`` (``"identity"``: ``cache`` itself, else an integer d)."""
     return {d: cache if d == "identity" else project_cache(cache, int(d), shapes) for d in dims}

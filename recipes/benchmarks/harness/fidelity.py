@@ -8,7 +8,8 @@ calibrated on held-apart subsets, in-sample bound) with their metrics, and the f
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 

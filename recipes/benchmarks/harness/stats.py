@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import random
 import statistics
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -56,7 +57,9 @@ def paired_bootstrap(
     Use it to compare two methods run on the same seeds: an interval above 0 says a beats b on these seeds.
     """
     if len(a) != len(b) or not a:
-        raise ValueError(f"paired_bootstrap needs two equally long, non-empty series, got {len(a)} and {len(b)}.")
+        raise ValueError(
+            f"paired_bootstrap needs two equally long, non-empty series, got {len(a)} and {len(b)}."
+        )
     diffs = [float(x) - float(y) for x, y in zip(a, b)]
     rng = random.Random(seed)
     n = len(diffs)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -80,11 +81,21 @@ class Task(ABC):
     ) -> None:
         """Fine-tune ``parameters`` of ``model`` in place on ``rows`` (the seed fixes the data order)."""
         train_steps(
-            model, parameters, rows, self.collate, steps=steps, lr=lr, batch_size=batch_size, seed=seed, optim=optim
+            model,
+            parameters,
+            rows,
+            self.collate,
+            steps=steps,
+            lr=lr,
+            batch_size=batch_size,
+            seed=seed,
+            optim=optim,
         )
 
 
-def subset_rows(rows: Sequence[dict[str, Any]], subset: Sequence[str], target: str = "target") -> list[dict[str, Any]]:
+def subset_rows(
+    rows: Sequence[dict[str, Any]], subset: Sequence[str], target: str = "target"
+) -> list[dict[str, Any]]:
     """The rows of the target's training split and of the sources in ``subset``, in their original order."""
     keep = {target, *subset}
     return [r for r in rows if r["source"] in keep]

@@ -6,8 +6,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -152,11 +153,15 @@ class TruthCache:
         with open(self.path, encoding="utf-8") as handle:
             saved = json.load(handle)
         old = saved.get("manifest", {})
-        same = all(old.get(k) == v for k, v in self.manifest.items() if k != "base_loss") and abs(
-            float(old.get("base_loss", math.inf)) - self.manifest["base_loss"]
-        ) <= 1e-6
+        same = (
+            all(old.get(k) == v for k, v in self.manifest.items() if k != "base_loss")
+            and abs(float(old.get("base_loss", math.inf)) - self.manifest["base_loss"]) <= 1e-6
+        )
         if not same:
-            print(f"{self.path} holds fine-tunes of other settings or another θ*; running them again", flush=True)
+            print(
+                f"{self.path} holds fine-tunes of other settings or another θ*; running them again",
+                flush=True,
+            )
             return None
         truth: dict[tuple, dict[tuple[str, ...], Any]] = {}
         for e in saved["entries"]:

@@ -11,11 +11,11 @@ plus EOS.
 from __future__ import annotations
 
 import random
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-
 from harness.tasks import Task, TaskData
 
 IN_LETTERS = list("abcdefghij")
@@ -167,7 +167,6 @@ def make_single_token_tasks(
     return {"train": train, "target_eval": evaluation, "roles": roles}
 
 
-
 def encode_rows(dataset: Any, tokenizer: Any, max_length: int = 16) -> list[dict[str, Any]]:
     """Encoded rows of a tagged dataset with their ``source`` and ``example_id``."""
     from hf_subset_select.data.encode import encode_example
@@ -206,7 +205,6 @@ def target_metrics(
     }
 
 
-
 def encode_for_training(example: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
     """An example as the meta-training Trainer batches it (input ids, labels, attention mask)."""
     from hf_subset_select.data.encode import encode_example
@@ -217,8 +215,6 @@ def encode_for_training(example: dict[str, Any], tokenizer: Any) -> dict[str, An
         "labels": enc["labels"],
         "attention_mask": [1] * len(enc["input_ids"]),
     }
-
-
 
 
 class CipherTask(Task):
@@ -259,7 +255,9 @@ class CipherTask(Task):
         """A tiny GPT-2, every parameter trainable, initialized from ``seed``."""
         from hf_subset_select.demo.toy import make_tiny_causal_lm
 
-        return make_tiny_causal_lm("gpt2", vocab_size=len(self.tokenizer), hidden=32, layers=2, heads=2, seed=seed)
+        return make_tiny_causal_lm(
+            "gpt2", vocab_size=len(self.tokenizer), hidden=32, layers=2, heads=2, seed=seed
+        )
 
     def collate(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Padded causal-LM batch."""

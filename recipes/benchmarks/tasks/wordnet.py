@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import os
 import random
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-
 from harness.tasks import Task, TaskData
 
 # lexicographer file numbers (WordNet's lexnames) of the target classes and of the "other nouns" source
@@ -142,8 +142,12 @@ class WordNetGlossTask(Task):
             return out
 
         def rows(items: list[tuple[str, int]]) -> Any:
-            enc = self.tokenizer([t for t, _ in items], truncation=True, max_length=self.max_length)["input_ids"]
-            return Dataset.from_list([{"text": t, "input_ids": ids, "label": y} for (t, y), ids in zip(items, enc)])
+            enc = self.tokenizer([t for t, _ in items], truncation=True, max_length=self.max_length)[
+                "input_ids"
+            ]
+            return Dataset.from_list(
+                [{"text": t, "input_ids": ids, "label": y} for (t, y), ids in zip(items, enc)]
+            )
 
         perm = list(range(k))
         rng.shuffle(perm)
@@ -156,16 +160,22 @@ class WordNetGlossTask(Task):
             "target": rows([(s["gloss"], y) for s, y in draw(classes, self.target_train)]),
             "more_glosses": rows([(s["gloss"], y) for s, y in draw(classes, n)]),
             "lemmas": rows([(s["words"][0], y) for s, y in draw(classes, n)]),
-            "synonyms": rows([(", ".join(s["words"]), y) for s, y in draw(classes, n, lambda s: len(s["words"]) >= 2)]),
+            "synonyms": rows(
+                [(", ".join(s["words"]), y) for s, y in draw(classes, n, lambda s: len(s["words"]) >= 2)]
+            ),
             "permuted_labels": rows([(s["gloss"], derange[y]) for s, y in draw(classes, n)]),
             "random_labels": rows([(s["gloss"], rng.randrange(k)) for s, _ in draw(classes, n)]),
             "verb_glosses": rows([(s["gloss"], (s["lexnum"] - 29) % k) for s in verb_pool[:n]]),
             "other_nouns": rows([(s["gloss"], y) for s, y in draw(OTHER_NOUN_CLASSES, n)]),
         }
-        dev = tag_target_eval(rows([(s["gloss"], y) for s, y in draw(classes, self.target_eval)]), "target_eval")
+        dev = tag_target_eval(
+            rows([(s["gloss"], y) for s, y in draw(classes, self.target_eval)]), "target_eval"
+        )
         test = None
         if self.target_test:
-            test = tag_target_eval(rows([(s["gloss"], y) for s, y in draw(classes, self.target_test)]), "target_test")
+            test = tag_target_eval(
+                rows([(s["gloss"], y) for s, y in draw(classes, self.target_test)]), "target_test"
+            )
         return TaskData(
             train=tag_sources(sources, target="target"),
             dev=dev,

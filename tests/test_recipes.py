@@ -368,7 +368,13 @@ def test_harness_train_steps_data_order_from_seed(harness):
 
 def test_harness_truth_cache_and_real_finetunes(harness, tmp_path):
     training, fidelity = harness["training"], harness["fidelity"]
-    manifest = {"format": "t/1", "settings": {"seeds": 2}, "subsets": [["a"], []], "base_loss": 0.5, "torch": "x"}
+    manifest = {
+        "format": "t/1",
+        "settings": {"seeds": 2},
+        "subsets": [["a"], []],
+        "base_loss": 0.5,
+        "torch": "x",
+    }
     calls = []
 
     def run_subset(key, subset, watch):

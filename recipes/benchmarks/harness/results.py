@@ -70,14 +70,11 @@ def write_results(path: str, result: dict[str, Any], *, sort_keys: bool = True) 
 
     Returns the written dictionary.
     """
+    from hf_subset_select.io_utils import atomic_write_text
+
     payload = {**result, "environment": environment()}
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=sort_keys)
-        handle.write("\n")
-    os.replace(tmp, path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=sort_keys) + "\n")
     return payload
 
 

@@ -233,6 +233,7 @@ def target_answer_accuracy(
 
 
 def write_json(path: str, payload: dict[str, Any]) -> None:
+    """Write ``payload`` as JSON to ``path`` atomically, creating its folder."""
     from hf_subset_select.io_utils import atomic_write_json
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -240,5 +241,6 @@ def write_json(path: str, payload: dict[str, Any]) -> None:
 
 
 def read_json(path: str) -> dict[str, Any]:
+    """The JSON object stored at ``path``."""
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)

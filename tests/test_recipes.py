@@ -239,3 +239,189 @@ def test_fsdp_sharded_parameters_refused_by_collector(tmp_path):
         text = (tmp_path / f"result.txt.{rank}").read_text()
         assert text.startswith("ShardedParametersError") and "DDP / ZeRO-2" in text
     assert not (tmp_path / "cache" / "cache.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the benchmark harness (recipes/benchmarks/harness): the pieces every benchmark shares, without a model run
+# ------------------------------------------------------------------------------------------------------------
+BENCHMARKS = os.path.join(RECIPES, "benchmarks")
+BENCHMARK_SCRIPTS = [
+    "fidelity.py", "fidelity_pretrained.py", "selection.py", "roles.py", "estimate_speed.py",
+    "collect_throughput.py", "weighted_loss_overhead.py",
+]  # fmt: skip
+
+
+@pytest.fixture
+def harness(monkeypatch):
+    """The harness package, imported the way the benchmark scripts import it."""
+    import importlib
+
+    monkeypatch.syspath_prepend(BENCHMARKS)
+    return {
+        name: importlib.import_module(f"harness.{name}")
+        for name in ("cli", "results", "stats", "estimation", "training", "tasks", "fidelity")
+    }
+
+
+@pytest.mark.parametrize("script", BENCHMARK_SCRIPTS)
+def test_benchmark_help_has_common_flags(script):
+    """Every benchmark takes the harness's --output and --quick."""
+    proc = subprocess.run(
+        [sys.executable, os.path.join(BENCHMARKS, script), "--help"],
+        env=_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--output" in proc.stdout and "--quick" in proc.stdout
+
+
+def test_harness_cli_flags(harness):
+    cli = harness["cli"]
+    parser = cli.benchmark_parser("Title line.\n\nMore.", seeds=3, threads=2)
+    args = parser.parse_args(["--output", "x.json", "--quick", "--seeds", "5"])
+    assert (args.output, args.quick, args.seeds, args.seed, args.threads) == ("x.json", True, 5, 0, 2)
+    assert parser.description == "Title line."
+    bare = cli.benchmark_parser(None, seed=False).parse_args(["--output", "y.json"])
+    assert not bare.quick and not hasattr(bare, "seeds") and not hasattr(bare, "seed")
+    with pytest.raises(SystemExit):
+        parser.parse_args([])  # --output is required
+    assert cli.parse_list(" 1e-4, 5e-4,,", float) == [1e-4, 5e-4]
+
+
+def test_harness_results_record_environment(harness, tmp_path):
+    path = tmp_path / "sub" / "result.json"
+    written = harness["results"].write_results(str(path), {"benchmark": "x", "figure": 0.5})
+    saved = json.loads(path.read_text())
+    assert saved == written and saved["figure"] == 0.5
+    env = saved["environment"]
+    assert env["git"]["commit"] and len(env["git"]["commit"]) == 40  # the repository's checked-out commit
+    assert env["versions"]["torch"] and env["versions"]["transformers"]
+    assert env["date"].endswith("Z") and env["cpu_count"] >= 1 and env["python"].count(".") == 2
+    assert not (tmp_path / "sub" / "result.json.tmp").exists()
+    assert harness["results"].brief({"a": 1, "b": [1], "c": {"d": 2}, "e": "s"}, skip=("e",)) == {"a": 1}
+
+
+def test_harness_fidelity_metrics(harness):
+    stats = harness["stats"]
+    truth, est = [1.0, 2.0, 4.0], [1.1, 1.8, 4.4]
+    m = stats.fidelity_metrics(est, truth, base=2.0, other=[3.0, 2.0, 1.0])
+    assert m["spearman"] == pytest.approx(1.0) and m["spearman_other"] == pytest.approx(-1.0)
+    assert m["mean_relative_error"] == pytest.approx(0.1)
+    assert m["no_change_mean_relative_error"] == pytest.approx((1.0 + 0.0 + 0.5) / 3)
+    effects = stats.membership_effects([(), ("a",), ("b",), ("a", "b")], [1.0, 0.5, 1.25, 0.75], ["a", "b"])
+    assert effects == pytest.approx({"a": -0.5, "b": 0.25})
+
+
+def test_harness_paired_statistics(harness):
+    stats = harness["stats"]
+    assert stats.mean_std([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0))
+    assert stats.mean_std([4.0]) == (4.0, 0.0)
+    better = stats.paired_bootstrap([0.8, 0.85, 0.9, 0.82], [0.7, 0.74, 0.81, 0.7], resamples=2000)
+    assert better["mean_difference"] == pytest.approx(0.105)
+    assert 0 < better["low"] <= better["mean_difference"] <= better["high"]
+    same = stats.paired_bootstrap([0.1, 0.3, 0.2, 0.4], [0.3, 0.1, 0.4, 0.2], resamples=2000, seed=1)
+    assert same["low"] < 0 < same["high"]  # no difference: the interval straddles 0
+    assert stats.paired_bootstrap([1.0, 2.0], [0.0, 1.0]) == stats.paired_bootstrap([1.0, 2.0], [0.0, 1.0])
+    with pytest.raises(ValueError):
+        stats.paired_bootstrap([1.0], [1.0, 2.0])
+    summary = stats.summarize_runs([{"loss": 1.0}, {"loss": 3.0}], ["loss"])
+    assert summary["loss"] == {"mean": 2.0, "sd": pytest.approx(2**0.5), "per_seed": [1.0, 3.0]}
+
+
+def test_harness_subsets_and_rows(harness):
+    tasks = harness["tasks"]
+    subsets = tasks.random_subsets(["a", "b", "c", "d"], 6, "stream")
+    assert len(set(subsets)) == 6 and subsets == tasks.random_subsets(["a", "b", "c", "d"], 6, "stream")
+    assert all(list(s) == sorted(s) for s in subsets)  # candidate order kept
+    rows = [{"source": s, "i": i} for i, s in enumerate(["target", "a", "b", "target", "c"])]
+    assert [r["i"] for r in tasks.subset_rows(rows, ("c", "a"))] == [0, 1, 3, 4]
+    data = tasks.TaskData(train=None, dev=None, roles={"b": "helpful", "a": "harmful"})
+    assert data.candidates == ["b", "a"] and data.test is None and data.target == "target"
+
+
+def test_harness_train_steps_data_order_from_seed(harness):
+    import torch
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(2))
+
+        def forward(self, x, labels):
+            return type("Out", (), {"loss": ((x @ self.w - labels) ** 2).mean()})()
+
+    def collate(rows):
+        return {"x": torch.tensor([r["x"] for r in rows]), "labels": torch.tensor([r["y"] for r in rows])}
+
+    rows = [{"x": [float(i), 1.0], "y": float(i % 3)} for i in range(10)]
+
+    def run(seed, optim="adamw"):
+        model = Tiny()
+        harness["training"].train_steps(
+            model, model.parameters(), rows, collate, steps=5, lr=0.1, batch_size=3, seed=seed, optim=optim
+        )
+        assert not model.training
+        return model.w.detach().clone()
+
+    assert torch.equal(run(0), run(0)) and not torch.equal(run(0), run(1))
+    assert not torch.equal(run(0), run(0, optim="sgd"))
+
+
+def test_harness_truth_cache_and_real_finetunes(harness, tmp_path):
+    training, fidelity = harness["training"], harness["fidelity"]
+    manifest = {
+        "format": "t/1",
+        "settings": {"seeds": 2},
+        "subsets": [["a"], []],
+        "base_loss": 0.5,
+        "torch": "x",
+    }
+    calls = []
+
+    def run_subset(key, subset, watch):
+        calls.append((key, subset))
+        with watch.run():
+            pass
+        return {"loss": 1.0 + len(subset), "runs": [{"loss": 1.0}]}
+
+    path = str(tmp_path / "truth.json")
+    keys, subsets = [(1e-4, "short"), (5e-4, "epoch")], [("a",), ()]
+    cache = training.TruthCache(path, manifest, ("lr", "budget"))
+    truth, watch, reused = fidelity.real_finetunes(keys, subsets, run_subset, cache)
+    assert not reused and len(calls) == 4 and watch.count == 4
+    assert truth[(5e-4, "epoch")][("a",)]["loss"] == 2.0
+    again, watch2, reused2 = fidelity.real_finetunes(keys, subsets, run_subset, cache)
+    assert reused2 and len(calls) == 4 and again == truth and watch2.count == 4
+    close = training.TruthCache(path, {**manifest, "base_loss": 0.5 + 1e-8}, ("lr", "budget"))
+    assert close.load() is not None  # θ* is compared through the target loss, up to 1e-6
+    for changed in ({"base_loss": 0.6}, {"settings": {"seeds": 3}}, {"subsets": [["a"]]}):
+        assert training.TruthCache(path, {**manifest, **changed}, ("lr", "budget")).load() is None
+    assert training.TruthCache(str(tmp_path / "none.json"), manifest, ("lr", "budget")).load() is None
+
+
+def test_harness_estimation_call_sites(harness):
+    import torch
+
+    from hf_subset_select import EstimatorConfig
+    from hf_subset_select.demo.synthetic import make_synthetic_cache
+
+    est_mod = harness["estimation"]
+    cache = make_synthetic_cache(2, 1, 1, dim=16, examples_per_source=24, seed=0)
+    est = est_mod.make_estimator(cache, solver="fast", reduction="sum")
+    assert isinstance(est.config, EstimatorConfig) and est.config.reduction == "sum"
+    subsets = [tuple(s) for s in (est.sources[:1], est.sources[1:3], est.sources)]
+    truth = est.estimate([list(s) for s in subsets]).tolist()
+    est_mod.with_l2(est, est.resolved_l2() * 3.0, 1.5)
+    before = (est.l2, est.step_scale)
+    figures = est_mod.budget_metrics(
+        est, subsets, truth, base=1.0, other=truth, lr=1e-2, steps=10, optimizer="sgd", batch_size=8
+    )
+    assert (est.l2, est.step_scale) == before  # restored
+    assert figures["budget_l2"] > 0 and len(figures["estimates_budget"]) == 3
+    report = est_mod.calibrate(est, dict(zip(subsets, truth)), tolerance=0.0)
+    assert report["l2"] == est.l2
+    assert len(est_mod.random_baseline(cache, 2, seed=0).selected) == 2
+    assert len(est_mod.gradient_similarity(cache, 1).selected) == 1
+    shapes = [("w", (cache.dim,))]
+    projected = est_mod.caches_by_dim(cache, ["identity", "8"], shapes)
+    assert projected["identity"] is cache and projected["8"].dim == 8
+    assert torch.equal(projected["8"].outputs, cache.outputs)

@@ -23,10 +23,8 @@ Bars (issue 3): LoRA ratio >= 0.8, full ratio >= 0.6, projector extra memory < 1
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -40,15 +38,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness.cli import benchmark_parser, limit_threads  # noqa: E402
+from harness.results import load_average, write_results  # noqa: E402
+
 BATCH = 16
 SEQ = 64
-
-
-def _load() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:  # pragma: no cover
-        return []
 
 
 def _model(kind: str, lora: bool, hidden: int, layers: int):
@@ -186,12 +181,9 @@ def _projector_child(kind: str, p: int, d: int, threads: int, batch: int) -> dic
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    parser = benchmark_parser(
+        __doc__, seed=False, threads=2, threads_help="torch intra-op threads", raw_description=True
     )
-    parser.add_argument("--output", required=True, help="JSON file for the figures.")
-    parser.add_argument("--quick", action="store_true", help="Fewer steps and repeats (about a minute).")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (issue: 2).")
     parser.add_argument(
         "--repeats", type=int, default=None, help="Alternating train/collect repeats (best of)."
     )
@@ -200,7 +192,7 @@ def main() -> None:
     parser.add_argument("--proj_dim", type=int, default=2048, help="d for the collector and the reference.")
     args = parser.parse_args()
 
-    torch.set_num_threads(args.threads)
+    limit_threads(args.threads)
     repeats = args.repeats or (2 if args.quick else 6)
     steps, warmup = (4, 1) if args.quick else (8, 2)
     n_examples = BATCH * (4 if args.quick else 8)
@@ -208,7 +200,7 @@ def main() -> None:
     from hf_subset_select.demo.toy import TOY_VOCAB
 
     train, target = _data(n_examples, len(TOY_VOCAB))
-    load_start = _load()
+    load_start = load_average()
     configs = {}
     for kind in ("gpt2", "llama"):
         for lora in (True, False):
@@ -279,18 +271,12 @@ def main() -> None:
             "quick": args.quick,
         },
         "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
             "load_average_start": load_start,
-            "load_average_end": _load(),
+            "load_average_end": load_average(),
             "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
         },
     }
-    with open(args.output, "w", encoding="utf-8") as handle:
-        json.dump(result, handle, indent=2)
+    write_results(args.output, result, sort_keys=False)
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}, indent=2))
 
 

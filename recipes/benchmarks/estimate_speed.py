@@ -16,24 +16,22 @@ express the per-example offsets f_i, so it solves the offset-free problem of the
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
+import sys
 import time
+from typing import Any
 
 import numpy as np
 import torch
 
-from hf_subset_select import FirstOrderEstimator
 from hf_subset_select.demo.synthetic import make_synthetic_cache
 
-
-def _load() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:  # pragma: no cover
-        return []
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness.cli import benchmark_parser  # noqa: E402
+from harness.estimation import make_estimator  # noqa: E402
+from harness.results import load_average, write_results  # noqa: E402
+from harness.stats import spearman  # noqa: E402
 
 
 def _best_rate(fn, count: int, repeats: int) -> tuple[float, list[float]]:
@@ -45,16 +43,10 @@ def _best_rate(fn, count: int, repeats: int) -> tuple[float, list[float]]:
     return max(rates), [round(r, 1) for r in rates]
 
 
-def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    from scipy.stats import spearmanr
-
-    return float(spearmanr(a.numpy(), b.numpy()).statistic)
-
-
 def _fidelity(estimate: torch.Tensor, reference: torch.Tensor, base: float) -> dict[str, float]:
     rel = ((estimate - reference).abs() / reference).mean()
     return {
-        "spearman": _spearman(estimate, reference),
+        "spearman": spearman(estimate.tolist(), reference.tolist()),
         "mean_relative_error": float(rel),
         "max_relative_error": float(((estimate - reference).abs() / reference).max()),
         # how much the subsets differ: the error is small only if it is small against this
@@ -62,7 +54,7 @@ def _fidelity(estimate: torch.Tensor, reference: torch.Tensor, base: float) -> d
     }
 
 
-def _sklearn_rate(est: FirstOrderEstimator, m: torch.Tensor, l2: float) -> tuple[float, int]:
+def _sklearn_rate(est: Any, m: torch.Tensor, l2: float) -> tuple[float, int]:
     from sklearn.linear_model import LogisticRegression
 
     g = est._features.numpy().astype(np.float64)
@@ -116,13 +108,13 @@ def run_dim(
     m_exact = m[:num_exact]
 
     # exact solver (reference for fidelity); λ from the default rule of the default fast path
-    default = FirstOrderEstimator(cache)
+    default = make_estimator(cache)
     t0 = time.perf_counter()
     l2 = default.resolved_l2()
     out["auto_l2"] = l2
     out["auto_l2_seconds"] = round(time.perf_counter() - t0, 2)
     out["fast_setup_seconds"] = None
-    exact = FirstOrderEstimator(cache, solver="exact", l2=l2)
+    exact = make_estimator(cache, solver="exact", l2=l2)
     exact.estimate(m_exact[:2])  # warm-up (float64 copy of the features)
     t0 = time.perf_counter()
     exact_losses = exact.estimate(m_exact)
@@ -133,7 +125,7 @@ def run_dim(
 
     variants = {}
     for r in reduce_dims:
-        est = FirstOrderEstimator(cache, reduce_dim=r, l2=l2)
+        est = make_estimator(cache, reduce_dim=r, l2=l2)
         t0 = time.perf_counter()
         est._prepare()
         est._fast_stats()
@@ -156,17 +148,17 @@ def run_dim(
     out["fast_vs_exact"] = variants[default_key]["vs_exact"]
 
     # one thread vs the default thread pool (the machine may be shared)
-    one = FirstOrderEstimator(cache, l2=l2, num_threads=1)
+    one = make_estimator(cache, l2=l2, num_threads=1)
     one.estimate(m[:128])
     out["fast_subsets_per_s_one_thread"] = _best_rate(lambda: one.estimate(m), m.shape[0], repeats)[0]
 
     if full_reference and default.reduce_dim < dim:
         # the fast path without the reduction, on a few subsets, to isolate the reduction's cost
-        full = FirstOrderEstimator(cache, reduce_dim=dim, l2=l2, chunk_size=4)
+        full = make_estimator(cache, reduce_dim=dim, l2=l2, chunk_size=4)
         t0 = time.perf_counter()
         full_losses = full.estimate(m_exact[:full_reference])
         out["full_fast_seconds_per_subset_incl_setup"] = (time.perf_counter() - t0) / full_reference
-        red = FirstOrderEstimator(cache, l2=l2).estimate(m_exact[:full_reference])
+        red = make_estimator(cache, l2=l2).estimate(m_exact[:full_reference])
         out["reduction_cost"] = {
             "num_subsets": full_reference,
             "reduced_vs_full_fast": _fidelity(red, full_losses, base),
@@ -185,18 +177,12 @@ def run_dim(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", required=True, help="JSON file to write")
-    parser.add_argument("--quick", action="store_true", help="fewer subsets (smoke run)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = benchmark_parser(__doc__, seed_help="seed of the synthetic cache and the subsets").parse_args()
     q = args.quick
     result: dict = {
         "benchmark": "estimate_speed",
         "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "load_average_start": _load(),
+        "load_average_start": load_average(),
         "note": "2 CPU cores shared with other jobs; figures are best-of-repeats wall-clock throughputs.",
     }
     t0 = time.perf_counter()
@@ -238,10 +224,9 @@ def main() -> None:
         "fast_ge_100x_sklearn_d128": result["fast_vs_sklearn_ratio"] >= 100,
         "fast_ge_100_per_s_d2048": d["fast_subsets_per_s"] >= 100,
     }
-    result["load_average_end"] = _load()
+    result["load_average_end"] = load_average()
     result["total_seconds"] = round(time.perf_counter() - t0, 1)
-    with open(args.output, "w", encoding="utf-8") as handle:
-        json.dump(result, handle, indent=2, sort_keys=True)
+    write_results(args.output, result)
     print(json.dumps({k: v for k, v in result.items() if k not in ("d128", "d2048")}, indent=2))
     print(
         "d2048:",

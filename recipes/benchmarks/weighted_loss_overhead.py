@@ -12,15 +12,15 @@ Reports seconds per optimizer step (median over the timed steps, after warm-up; 
 repeated, interleaved runs) and the ratios to ``plain``. On a shared machine trust the best-of-runs figures.
 
     python recipes/benchmarks/weighted_loss_overhead.py --output weighted_loss_overhead.json
+    python recipes/benchmarks/weighted_loss_overhead.py --output /tmp/smoke.json --quick   # smoke run
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
+import sys
 import tempfile
 import time
 from typing import Any
@@ -28,6 +28,10 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness.cli import benchmark_parser, limit_threads  # noqa: E402
+from harness.results import write_results  # noqa: E402
 
 
 def _run(variant: str, args: argparse.Namespace) -> float:
@@ -37,8 +41,8 @@ def _run(variant: str, args: argparse.Namespace) -> float:
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     from hf_subset_select import SubsetSelectSFTTrainer, tag_sources
-    from hf_subset_select.train.collator import SubsetSelectingDataCollator, WeightedLossSFTTrainer
     from hf_subset_select.demo.toy import make_tiny_causal_lm, make_tokenizer, toy_text_dataset
+    from hf_subset_select.train.collator import SubsetSelectingDataCollator, WeightedLossSFTTrainer
 
     tasks = ["add", "sub", "rev", "copy"]
     train = tag_sources(
@@ -91,10 +95,13 @@ def _run(variant: str, args: argparse.Namespace) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    parser = benchmark_parser(
+        __doc__,
+        seed=False,
+        threads=1,
+        threads_help="torch intra-op threads (tiny model: 1 is best).",
+        raw_description=True,
     )
-    parser.add_argument("--output", required=True, help="JSON file for the results.")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--batch_size", type=int, default=16)
@@ -102,14 +109,10 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="Runs per variant (median and best reported).")
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch intra-op threads (tiny model: 1 is best)."
-    )
     args = parser.parse_args()
-
-    import torch
-
-    torch.set_num_threads(args.threads)
+    if args.quick:  # a smoke run: fewer steps and one run per variant
+        args.steps, args.warmup, args.repeats = 10, 2, 1
+    limit_threads(args.threads)
 
     variants = ("plain", "weight", "filter", "sample")
     runs: dict[str, list[float]] = {v: [] for v in variants}
@@ -131,13 +134,9 @@ def main() -> None:
     payload = {
         "benchmark": "weighted_loss_overhead",
         "settings": vars(args),
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
         "results": results,
     }
-    with open(args.output, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2)
+    write_results(args.output, payload, sort_keys=False)
     for variant, r in results.items():
         print(
             f"{variant:>7}: median {1000 * r['seconds_per_step']:.1f} ms/step ({r['ratio_to_plain']:.2f}x plain), "

@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from accelerate.logging import get_logger
     from trl import ModelConfig, SFTConfig
 
+    from hf_subset_select import SubsetSelectingDataCollator, WeightedLossSFTTrainer
     from hf_subset_select.data.sources import source_counts
-    from hf_subset_select.train.collator import SubsetSelectingDataCollator, WeightedLossSFTTrainer
 
     if argv is not None:
         sys.argv[1:] = argv

@@ -57,9 +57,9 @@ def _fidelity(estimate: torch.Tensor, reference: torch.Tensor, base: float) -> d
 def _sklearn_rate(est: Any, m: torch.Tensor, l2: float) -> tuple[float, int]:
     from sklearn.linear_model import LogisticRegression
 
-    g = est._features.numpy().astype(np.float64)
-    src = est._row_source.numpy()
-    forced = len(est._order) - 1 if est.forced_source is not None else None
+    g = est.problem.features.numpy().astype(np.float64)
+    src = est.problem.row_source.numpy()
+    forced = len(est.problem.order) - 1 if est.forced_source is not None else None
     t0 = time.perf_counter()
     iters = 0
     for row in m.numpy():
@@ -127,8 +127,8 @@ def run_dim(
     for r in reduce_dims:
         est = make_estimator(cache, reduce_dim=r, l2=l2)
         t0 = time.perf_counter()
-        est._prepare()
-        est._fast_stats()
+        est.problem.statistics()
+        est.problem.fast_statistics()
         setup = time.perf_counter() - t0
         est.estimate(m[:128])
         best, rates = _best_rate(lambda est=est: est.estimate(m), m.shape[0], repeats)

@@ -2,10 +2,10 @@
 
 At ``scale="full"`` of :func:`hf_subset_select.demo.tasks.make_demo_tasks`:
 
-1. ``roles``: :func:`~hf_subset_select.demo.tasks.measure_roles`: the target alone and target + one source,
+1. ``roles``: :func:`~hf_subset_select.demo.roles.measure_roles`: the target alone and target + one source,
    from the same stand-in base with the same budget, under ``--seeds`` seeds (data order); paired deltas of
    the target loss and token accuracy against the pooled seed-to-seed noise, and
-   :func:`~hf_subset_select.demo.tasks.check_roles`'s verdict.
+   :func:`~hf_subset_select.demo.roles.check_roles`'s verdict.
 2. ``roles_new_base`` (unless ``--quick``): the same with a different base model per seed (init and
    pretraining vary too), the noise of re-running everything with another seed.
 3. ``final_from_base``: the fine-tunes the demo compares, from the base: target alone, target + all sources,
@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     import datasets
     import transformers
 
-    from hf_subset_select.demo.tasks import check_roles, make_demo_tasks, measure_roles
+    from hf_subset_select.demo.roles import check_roles, measure_roles
+    from hf_subset_select.demo.tasks import make_demo_tasks
 
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()

@@ -40,9 +40,13 @@ def _run(variant: str, args: argparse.Namespace) -> float:
     from trl import SFTConfig
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from hf_subset_select import SubsetSelectSFTTrainer, tag_sources
+    from hf_subset_select import (
+        SubsetSelectingDataCollator,
+        SubsetSelectSFTTrainer,
+        WeightedLossSFTTrainer,
+        tag_sources,
+    )
     from hf_subset_select.demo.toy import make_tiny_causal_lm, make_tokenizer, toy_text_dataset
-    from hf_subset_select.train.collator import SubsetSelectingDataCollator, WeightedLossSFTTrainer
 
     tasks = ["add", "sub", "rev", "copy"]
     train = tag_sources(

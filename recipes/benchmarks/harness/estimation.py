@@ -30,33 +30,37 @@ def estimator_for_training_args(cache: Any, training_args: Any) -> Any:
 
 def calibrate(estimator: Any, real_results: Any, **kwargs: Any) -> dict[str, Any]:
     """Fit λ and the step scale to real fine-tuning results (the estimator keeps them); returns the report."""
-    return estimator.calibrate(real_results, **kwargs)
+    from hf_subset_select import calibrate as calibrate_estimator
+
+    return calibrate_estimator(estimator, real_results, **kwargs)
 
 
 def forward_check(
     estimator: Any, model: Any, subsets: Any, target_dataset: Any, **kwargs: Any
 ) -> torch.Tensor:
     """Target losses at θ* + the fitted step of each subset, evaluated for real (``model`` holds θ*)."""
-    return estimator.forward_check(model, subsets, target_dataset, **kwargs)
+    from hf_subset_select import forward_check as check
+
+    return check(estimator, model, subsets, target_dataset, **kwargs)
 
 
 def gradient_similarity(cache: Any, k: int) -> Any:
     """The gradient-similarity baseline keeping the ``k`` most similar sources."""
-    from hf_subset_select import gradient_similarity_selection
+    from hf_subset_select.select.baselines import gradient_similarity_selection
 
     return gradient_similarity_selection(cache, top_k=k)
 
 
 def representation_similarity(cache: Any, k: int) -> Any:
     """The representation-similarity baseline keeping the ``k`` most similar sources."""
-    from hf_subset_select import representation_similarity_selection
+    from hf_subset_select.select.baselines import representation_similarity_selection
 
     return representation_similarity_selection(cache, top_k=k)
 
 
 def random_baseline(cache: Any, k: int, seed: int) -> Any:
     """``k`` random sources (seeded)."""
-    from hf_subset_select import random_selection
+    from hf_subset_select.select.baselines import random_selection
 
     return random_selection(cache, k=k, seed=seed)
 

@@ -218,23 +218,9 @@ dist.destroy_process_group()
 
 
 @pytest.mark.multiprocess
-def test_fsdp_sharded_parameters_refused_by_collector(tmp_path):
+def test_fsdp_sharded_parameters_refused_by_collector(tmp_path, torchrun):
     """What docs/distributed.md states: under FSDP2 (2 ranks, gloo) the collector refuses with a clear error."""
-    worker = tmp_path / "worker.py"
-    worker.write_text(_FSDP_WORKER)
-    out = tmp_path / "result.txt"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(worker),
-        str(out),
-    ]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun(_FSDP_WORKER, [str(tmp_path / "result.txt")])
     for rank in (0, 1):  # every rank refuses, before any work
         text = (tmp_path / f"result.txt.{rank}").read_text()
         assert text.startswith("ShardedParametersError") and "DDP / ZeRO-2" in text

@@ -15,7 +15,8 @@ BENCH = os.path.join(ROOT, "recipes", "benchmarks")
 if BENCH not in sys.path:
     sys.path.insert(0, BENCH)
 
-SETTINGS = {"seeds": 2, "steps": 3, "lr": 1e-3, "batch_size": 4, "meta_epochs": 1, "max_length": 16}
+KEEP = ("same_task", "lookup", "conflict", "half_conflict", "noise")  # fewer sources: fewer fine-tunes
+SETTINGS = {"seeds": 2, "steps": 2, "lr": 1e-3, "batch_size": 4, "meta_epochs": 1, "max_length": 16}
 
 
 def toy_task() -> Any:
@@ -37,11 +38,25 @@ def toy_task() -> Any:
             half = len(rows) // 2
             dev = tag_target_eval(rows.select(range(half)), "target_dev")
             test = tag_target_eval(rows.select(range(half, len(rows))), "target_test")
-            return TaskData(train=built["train"], dev=dev, test=test, roles=built["roles"])
+            roles = {s: r for s, r in built["roles"].items() if s in KEEP}
+            train = built["train"].filter(lambda r: r["source"] in {"target", *KEEP})
+            return TaskData(train=train, dev=dev, test=test, roles=roles)
 
     return ToyCipher("multi_token", per_source=8, target_train=8, target_eval=8)
 
 
+@pytest.fixture
+def one_thread() -> Any:
+    """One torch thread for the test (restored afterwards)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.usefixtures("one_thread")
 def test_suite_end_to_end(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     import suite
     import suite_runs
@@ -132,3 +147,34 @@ def test_paired_needs_matching_seeds() -> None:
 
     with pytest.raises(ValueError, match="different seeds"):
         paired({0: 1.0, 1: 0.5}, {0: 1.0, 2: 0.5})
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/share/wordnet/data.noun"), reason="needs Debian's wordnet-base")
+@pytest.mark.usefixtures("one_thread")
+def test_generation_tasks_take_any_causal_lm(tmp_path: Any) -> None:
+    """--gemma-path: the causal-LM task classes run on a tiny offline model (splits, rows, fine-tune, scores)."""
+    import suite
+    from harness.training import train_steps
+
+    from hf_subset_select.demo.toy import make_tiny_causal_lm, make_tokenizer
+
+    tok = make_tokenizer()
+    make_tiny_causal_lm("gpt2", vocab_size=len(tok)).save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    args = suite.parse_args(
+        ["--output", str(tmp_path / "x.json"), "--quick", "--gemma-path", str(tmp_path / "lm")]
+    )
+    for name in ("lexcat_gemma", "antonym_gemma"):
+        task, settings = suite.make_task(name, args)
+        data = task.build(0)
+        prompts = {
+            s: set(d["prompt"]) for s, d in (("train", data.train), ("dev", data.dev), ("test", data.test))
+        }
+        assert not prompts["test"] & (prompts["train"] | prompts["dev"])
+        assert 6 <= len(data.candidates) <= 12 and len(data.test) > 0
+        model = task.make_model(0)
+        rows = task.rows(data.train)
+        train_steps(model, [p for p in model.parameters() if p.requires_grad], rows, task.collate,
+                    steps=1, lr=1e-3, batch_size=settings["batch_size"], seed=0)  # fmt: skip
+        scored = task.score(model, task.rows(data.test))
+        assert 0.0 <= scored["exact_match"] <= 1.0 and scored["completion_loss"] > 0 and scored["loss"] > 0

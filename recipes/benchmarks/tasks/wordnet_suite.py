@@ -18,6 +18,7 @@ equals greedy decoding of the gold answer's length plus its EOS) and the complet
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 from collections.abc import Callable, Sequence
@@ -48,8 +49,10 @@ OTHER_VERB_CLASSES = {
 NOUN_CATEGORIES = {5: "animal", 20: "plant", 13: "food", 6: "artifact", 18: "person", 8: "body"}
 
 
-def read_synsets(wordnet_dir: str, pos: str) -> list[dict[str, Any]]:
-    """Synsets of ``data.<pos>``: offset, lexicographer file, words, pointers ``(symbol, offset, pos)``, gloss."""
+@functools.lru_cache(maxsize=8)
+def read_synsets(wordnet_dir: str, pos: str) -> tuple[dict[str, Any], ...]:
+    """Synsets of ``data.<pos>``: offset, lexicographer file, words, pointers ``(symbol, offset, pos)``, gloss (read
+    once per process; callers copy before reordering)."""
     path = os.path.join(wordnet_dir, f"data.{pos}")
     if not os.path.exists(path):
         raise FileNotFoundError(
@@ -80,7 +83,7 @@ def read_synsets(wordnet_dir: str, pos: str) -> list[dict[str, Any]]:
                     "gloss": definition,
                 }
             )
-    return out
+    return tuple(out)
 
 
 class Pools:
@@ -360,7 +363,7 @@ class LexCategoryGenTask(GenerationTask):
             "antonyms": antonym_pairs(self.wordnet_dir, rng)[:n],
             "hypernyms": [
                 (f"{_first_word(s)} is a kind of", _first_word(by_offset[p[1]]))
-                for s in rng.sample(nouns, 4 * n)
+                for s in rng.sample(list(nouns), 4 * n)
                 if (p := next((p for p in s["pointers"] if p[0] == "@" and p[2] == "n"), None)) is not None
             ][:n],
         }

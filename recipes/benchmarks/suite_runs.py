@@ -216,6 +216,7 @@ def ablations(tuner: Finetuner, candidates: Sequence[str], seeds: Sequence[int])
         diff = paired(with_it, alone)
         role = "helpful" if diff["ci_low"] > 0 else "harmful" if diff["ci_high"] < 0 else "neutral"
         out[source] = {**diff, "measured_role": role, "per_seed": with_it}
+        print(f"  ablation {source}: {diff['diff_mean']:+.4f} ({role})", flush=True)
     return out
 
 
@@ -267,4 +268,5 @@ def oracle(tuner: Finetuner, candidates: Sequence[str], seed: int = 0) -> dict[s
         chosen.append(pick)
         best = trials[pick]
         path.append({"added": pick, "dev_loss": best})
+        print(f"  oracle: + {pick} (dev loss {best:.4f})", flush=True)
     return {"sources": chosen, "path": path, "finetunes": len(seconds), "seconds": sum(seconds.values())}

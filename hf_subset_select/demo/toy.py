@@ -177,6 +177,19 @@ def add_lora(model: Any, r: int = 4, alpha: int = 8, target_modules: Iterable[st
     return get_peft_model(model, cfg)
 
 
+def perturb_lora(model: Any, seed: int = 1, scale: float = 0.1) -> Any:
+    """Fill every LoRA B matrix with seeded noise (as after a meta-init run), so that every LoRA gradient is
+    non-trivial; returns ``model`` (in place, mode unchanged)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
 def toy_text_dataset(task: str, n: int, seed: int = 0, fmt: str = "prompt_completion") -> Any:
     """Small synthetic tasks over digits: 'add', 'sub', 'copy', 'rev', 'sort', 'count' (mod 10 / per-digit).
 

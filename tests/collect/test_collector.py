@@ -14,7 +14,13 @@ from hf_subset_select.collect.per_example import PerExampleGradients, collate_ex
 from hf_subset_select.collect.projection import make_projector
 from hf_subset_select.collect.store import SHARDS_DIR, CollectionMismatchError, complete_shards
 from hf_subset_select.data.encode import encode_example
-from hf_subset_select.demo.toy import add_lora, make_tiny_causal_lm, make_tokenizer, toy_text_dataset
+from hf_subset_select.demo.toy import (
+    add_lora,
+    make_tiny_causal_lm,
+    make_tokenizer,
+    perturb_lora,
+    toy_text_dataset,
+)
 from hf_subset_select.io_utils import fingerprint_tensors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -22,13 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _theta_star(seed: int = 0):
     """A tiny LoRA GPT-2 with non-zero LoRA B (as after a meta-init run)."""
-    model = add_lora(make_tiny_causal_lm("gpt2", seed=seed))
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
+    return perturb_lora(add_lora(make_tiny_causal_lm("gpt2", seed=seed)), seed=seed + 1)
 
 
 def _toy_data():

@@ -15,7 +15,7 @@ from hf_subset_select.collect.per_example import (
     eager_attention,
 )
 from hf_subset_select.collect.projection import make_projector
-from hf_subset_select.demo.toy import add_lora, make_tiny_causal_lm, make_tiny_classifier
+from hf_subset_select.demo.toy import add_lora, make_tiny_causal_lm, make_tiny_classifier, perturb_lora
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,12 +32,7 @@ def _examples(seed=0, lengths=(11, 7, 4, 9)):
 
 def _theta_star(model):
     """Make LoRA B non-zero (as after training), so every LoRA gradient is non-trivial."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model.eval()
+    return perturb_lora(model, seed=1).eval()
 
 
 def _make(kind, lora):

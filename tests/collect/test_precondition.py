@@ -30,20 +30,14 @@ from hf_subset_select.collect.precondition import (
 from hf_subset_select.collect.projection import make_projector
 from hf_subset_select.data.encode import encode_example
 from hf_subset_select.demo.synthetic import make_synthetic_cache
-from hf_subset_select.demo.toy import add_lora, make_tiny_causal_lm
+from hf_subset_select.demo.toy import add_lora, make_tiny_causal_lm, perturb_lora
 from hf_subset_select.estimate import forward_check
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _theta_star(seed: int = 0):
-    model = add_lora(make_tiny_causal_lm("gpt2", seed=seed))
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
+    return perturb_lora(add_lora(make_tiny_causal_lm("gpt2", seed=seed)), seed=seed + 1)
 
 
 def _config(**kw):

@@ -422,6 +422,8 @@ params, trainer = T._train(
 assert trainer.args.world_size == 2 and dist.get_world_size() == 2
 if trainer.is_world_process_zero():
     torch.save(params, sys.argv[3])
+dist.barrier()
+dist.destroy_process_group()  # a clean gloo teardown: exiting with live threads can abort a rank
 """
 
 

@@ -143,8 +143,11 @@ def target_eval_name(target: str) -> str:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def load_tokenizer_and_model(model_args: Any, toy: ToyModelArguments) -> tuple[Any, Any]:
-    """The base model (tiny toy model unless ``model_name_or_path``), wrapped in LoRA if ``use_peft``."""
+def load_tokenizer_and_model(
+    model_args: Any, toy: ToyModelArguments, meta_init: str | None = None
+) -> tuple[Any, Any]:
+    """The base model (tiny toy model unless ``model_name_or_path``), wrapped in LoRA if ``use_peft``; with
+    ``meta_init``, θ* restored onto the base model instead (adapter or full weights, as it was saved)."""
     from hf_subset_select.demo.toy import make_tiny_causal_lm, make_tokenizer
 
     name = model_args.model_name_or_path
@@ -168,6 +171,10 @@ def load_tokenizer_and_model(model_args: Any, toy: ToyModelArguments) -> tuple[A
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
+    if meta_init is not None:
+        from hf_subset_select import load_meta_init
+
+        return tokenizer, load_meta_init(meta_init, base_model=model)
     if model_args.use_peft:
         from peft import get_peft_model
         from trl import get_peft_config

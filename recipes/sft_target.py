@@ -1,4 +1,5 @@
-"""Step 3: fine-tune the base model on the target task plus the selected sources, with TRL's SFTTrainer.
+"""Step 3: fine-tune on the target task plus the selected sources, with TRL's SFTTrainer, from θ* (``--meta_init``,
+recommended) or from the base model.
 
 The selection (``selection.json`` from ``recipes/select.py``) is applied in one of four ways (``--apply``):
 
@@ -14,7 +15,8 @@ and the target evaluation loss, and writes them to ``<output_dir>/target_metrics
 
 Examples::
 
-    python recipes/sft_target.py --config recipes/configs/sft_target.yaml --selection out/selection.json
+    python recipes/sft_target.py --config recipes/configs/sft_target.yaml --selection out/selection.json \\
+        --meta_init out/meta_init_run/meta_init
     accelerate launch --config_file recipes/accelerate/multi_gpu.yaml recipes/sft_target.py \\
         --config recipes/configs/sft_target.yaml --selection out/selection.json --apply weight
 """
@@ -66,6 +68,14 @@ class TargetArguments:
             "(w_k is source k's share)."
         },
     )
+    meta_init: str | None = field(
+        default=None,
+        metadata={
+            "help": "Start from θ* (the meta_init/ folder written by sft_meta_init.py) instead of the base model "
+            "with a fresh adapter. Recommended: the estimates that made the selection stand for a fine-tune "
+            "from θ*, and on the benchmark suite this start scored as well or better."
+        },
+    )
     metrics_file: str | None = field(
         default=None,
         metadata={"help": "Where to write the metrics (default <output_dir>/target_metrics.json)."},
@@ -105,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         selection.sampling_weights(train)  # refuses a training mix with sources the selection did not score
     if selection is not None and target_args.apply == "dataset":
         train = selection.apply(train)
-    tokenizer, model = load_tokenizer_and_model(model_args, toy_args)
+    tokenizer, model = load_tokenizer_and_model(model_args, toy_args, meta_init=target_args.meta_init)
 
     collator = base_collator(tokenizer)
     sampling = None
@@ -142,6 +152,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "target_source": target,
         "selection": target_args.selection,
         "apply": target_args.apply if selection is not None else "all_sources",
+        "start": target_args.meta_init or "base_model",
         "train_sources": source_counts(train),
         "global_step": trainer.state.global_step,
     }

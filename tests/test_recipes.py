@@ -83,7 +83,7 @@ def _run(args, cwd, processes=1):
     return proc
 
 
-def _pipeline(tmp_path, processes, apply):
+def _pipeline(tmp_path, processes, apply, from_theta_star=False):
     from hf_subset_select import GradientCache, SourceSelection
 
     out = tmp_path / f"run{processes}"
@@ -117,16 +117,18 @@ def _pipeline(tmp_path, processes, apply):
     assert set(selection.sources) == {"sub", "rev", "copy"} and selection.target_source == "add"
 
     target_dir = out / "target"
+    start = ["--meta_init", str(out / "meta" / "meta_init")] if from_theta_star else []
     _run(
         [
             "sft_target.py", *TARGET_ARGS, "--selection", str(selection_path), "--apply", apply,
-            "--output_dir", str(target_dir),
+            "--output_dir", str(target_dir), *start,
         ],
         tmp_path,
         processes,
     )  # fmt: skip
     metrics = json.loads((target_dir / "target_metrics.json").read_text())
     assert metrics["apply"] == apply and metrics["global_step"] == 4
+    assert metrics["start"] == (start[1] if start else "base_model")
     assert 0.0 <= metrics["target_accuracy"] <= 1.0 and metrics["target_num_examples"] == 6
     assert metrics["target_loss"] > 0
     if apply == "dataset":
@@ -136,7 +138,33 @@ def _pipeline(tmp_path, processes, apply):
 
 @pytest.mark.slow
 def test_pipeline_one_process(tmp_path):
-    _pipeline(tmp_path, processes=1, apply="weight")
+    _pipeline(tmp_path, processes=1, apply="weight", from_theta_star=True)
+    _assert_target_starts_from_theta_star(tmp_path / "run1" / "meta" / "meta_init")
+
+
+def _assert_target_starts_from_theta_star(meta_init):
+    """``--meta_init`` loads θ* (the saved adapter), not a fresh adapter, before the target fine-tune."""
+    import torch
+    from safetensors.torch import load_file
+    from trl import ModelConfig
+
+    sys.path.insert(0, RECIPES)
+    try:
+        from recipe_utils import ToyModelArguments, load_tokenizer_and_model
+    finally:
+        sys.path.remove(RECIPES)
+    args = ModelConfig(use_peft=True, lora_r=8, lora_alpha=16, lora_dropout=0.0)
+    saved = load_file(str(meta_init / "adapter_model.safetensors"))
+    _, fresh = load_tokenizer_and_model(args, ToyModelArguments())
+    _, model = load_tokenizer_and_model(args, ToyModelArguments(), meta_init=str(meta_init))
+    lora_b = {n: p for n, p in model.named_parameters() if "lora_B" in n}
+    assert lora_b and all(p.requires_grad for p in lora_b.values())
+    assert all(float(p.detach().abs().sum()) == 0 for n, p in fresh.named_parameters() if "lora_B" in n)
+    saved_b = {n.split("model.", 1)[-1]: v for n, v in saved.items() if "lora_B" in n}
+    assert len(saved_b) == len(lora_b) and any(float(v.abs().sum()) > 0 for v in saved_b.values())
+    for name, value in saved_b.items():
+        match = [p for n, p in lora_b.items() if n.replace(".default", "").endswith(name)]
+        assert len(match) == 1 and torch.equal(match[0].detach(), value)
 
 
 @pytest.mark.slow

@@ -36,7 +36,7 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness.cli import benchmark_parser, limit_threads, parse_list  # noqa: E402
-from harness.results import git_commit, write_results  # noqa: E402
+from harness.results import STARTED_AT, write_results  # noqa: E402
 from harness.tasks import Task  # noqa: E402
 from harness.training import meta_train, meta_training_arguments  # noqa: E402
 from suite_runs import (  # noqa: E402
@@ -221,9 +221,10 @@ def mean_ranks(tasks: dict[str, Any]) -> dict[str, float]:
     return {n: sum(r) / len(r) for n, r in ranks.items()}
 
 
-def summarize(tasks: dict[str, Any], causal: int) -> dict[str, Any]:
+def summarize(tasks: dict[str, Any], causal: int, git: dict[str, Any]) -> dict[str, Any]:
     """Across tasks: wins (95% interval above 0) / ties / losses of ours per baseline, mean ranks, the minimum
-    oracle gain fraction, speedup and budget Spearman, and the commit the figures come from."""
+    oracle gain fraction, speedup and budget Spearman, and the commit the figures come from (``git``, read when
+    the suite started)."""
 
     def record(baseline: str) -> dict[str, int]:
         diffs = [e["ours_vs"][baseline] for e in tasks.values()]
@@ -242,7 +243,6 @@ def summarize(tasks: dict[str, Any], causal: int) -> dict[str, Any]:
 
     beats = {b: record(b) for b in BASELINES}
     oracles = [e["oracle"] for e in tasks.values() if "oracle" in e]
-    git = git_commit()
     return {
         "num_tasks": len(tasks),
         "num_causal_lm_tasks": causal,
@@ -265,6 +265,7 @@ def run_suite(chosen: dict[str, tuple[Task, dict[str, Any]]], args: Any, causal:
     """Every chosen task, the summary, and the results written to ``args.output`` (rewritten after each task;
     ``complete`` says whether all chosen tasks are in)."""
     oracle_tasks = set(parse_list(args.oracle_tasks))
+    git = STARTED_AT  # the code the figures come from: read before the first run, not after the last
     tasks: dict[str, Any] = {}
     payload: dict[str, Any] = {}
     for name, (task, settings) in chosen.items():
@@ -272,7 +273,7 @@ def run_suite(chosen: dict[str, tuple[Task, dict[str, Any]]], args: Any, causal:
         result = {
             "benchmark": "suite",
             "tasks": tasks,
-            "summary": summarize(tasks, sum(n in causal for n in tasks)),
+            "summary": summarize(tasks, sum(n in causal for n in tasks), git),
             "settings": vars(args),
             "complete": len(tasks) == len(chosen),
         }

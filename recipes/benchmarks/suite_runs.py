@@ -26,6 +26,7 @@ from harness.tasks import Task, TaskData, random_subsets, subset_rows
 from harness.training import restore
 
 Subset = tuple[str, ...]
+VARIANTS = ("forward", "linear")  # our non-default selectors, fine-tuned and reported too (memoized: free if equal)
 
 
 @dataclass
@@ -139,7 +140,7 @@ def select_methods(
     (``EstimatorConfig.from_training_args``) and ``select_sources`` at its default method, in filter mode and in
     weight mode; the baselines keep as many sources (k, at least 1).
     """
-    from hf_subset_select import select_sources
+    from hf_subset_select import SelectConfig, select_sources
 
     t0 = time.perf_counter()
     est = estimator_for_training_args(cache, spec.training_arguments())
@@ -159,6 +160,9 @@ def select_methods(
     }
     for draw in range(random_draws):
         methods[f"random/{draw}"] = {"sources": list(random_baseline(cache, k, draw).selected)}
+    for variant in VARIANTS:  # our other selectors at their own keep rules, reported beside the default
+        picked = select_sources(est, config=SelectConfig(method=variant))
+        methods[f"variant/{variant}"] = {"sources": list(picked.selected)}
     return methods, ours_seconds
 
 

@@ -34,6 +34,9 @@ def git_commit(root: str = REPO_ROOT) -> dict[str, Any]:
     return {"commit": head, "dirty": bool(dirty)}
 
 
+STARTED_AT = git_commit()  # read when the benchmark starts, so edits made while it runs are not credited to it
+
+
 def library_versions() -> dict[str, str | None]:
     """Versions of the libraries the figures depend on (None for one that is not installed)."""
     from importlib import metadata
@@ -48,7 +51,8 @@ def library_versions() -> dict[str, str | None]:
 
 
 def environment() -> dict[str, Any]:
-    """Machine, Python and library versions, date (UTC), git commit, torch threads and load average."""
+    """Machine, Python and library versions, date (UTC), the git commit checked out when the run started, torch
+    threads and load average."""
     import torch
 
     return {
@@ -59,7 +63,7 @@ def environment() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "versions": library_versions(),
-        "git": git_commit(),
+        "git": STARTED_AT,
         "torch_threads": torch.get_num_threads(),
         "load_average": load_average(),
     }

@@ -144,6 +144,23 @@ def test_suite_end_to_end(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Non
         assert key in summary
     assert summary["num_tasks"] == 1 and summary["num_causal_lm_tasks"] == 1
     assert result["environment"]["git"]["commit"] == summary["frozen_commit"]
+    for variant in suite_runs.VARIANTS:  # our other selectors, reported beside the default
+        assert entry["methods"][f"variant/{variant}"]["test_metric_mean"] is not None
+        assert f"variant/{variant}" in entry["ours_vs"]
+
+    # tasks run in separate processes merge into one file, the summary over all of them
+    other = json.loads(out.read_text())
+    other["tasks"] = {"toy2": {**entry, "causal_lm": False}}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    merged = suite.merge([str(out), str(tmp_path / "other.json")], str(tmp_path / "merged.json"))
+    assert set(merged["tasks"]) == {"toy", "toy2"} and merged["tasks"]["toy"]["run"]["file"] == "suite.json"
+    assert merged["summary"]["num_tasks"] == 2 and merged["summary"]["num_causal_lm_tasks"] == 1
+    assert merged["summary"]["frozen_commit"] == summary["frozen_commit"]
+    assert merged["summary"]["beats_all_sources"]["ties"] + merged["summary"]["beats_all_sources"]["wins"] + (
+        merged["summary"]["beats_all_sources"]["losses"]
+    ) == 2
+    with pytest.raises(ValueError, match="more than one"):
+        suite.merge([str(out), str(out)], str(tmp_path / "twice.json"))
 
 
 def test_paired_needs_matching_seeds() -> None:

@@ -71,6 +71,14 @@ def parse_args(argv: list[str] | None = None) -> Any:
     parser.add_argument("--random-draws", type=int, default=3)
     parser.add_argument("--fidelity-subsets", type=int, default=8)
     parser.add_argument("--ablation-seeds", type=int, default=3)
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="run nothing: merge the tasks of these suite results (e.g. tasks run in parallel processes) into "
+        "--output, with the summary over all of them; each task keeps the commit and environment it ran with",
+    )
     return parser.parse_args(argv)
 
 
@@ -270,6 +278,7 @@ def run_suite(chosen: dict[str, tuple[Task, dict[str, Any]]], args: Any, causal:
     payload: dict[str, Any] = {}
     for name, (task, settings) in chosen.items():
         tasks[name], _ = run_task(task, settings, args, name in oracle_tasks)
+        tasks[name]["causal_lm"] = name in causal
         result = {
             "benchmark": "suite",
             "tasks": tasks,
@@ -283,12 +292,47 @@ def run_suite(chosen: dict[str, tuple[Task, dict[str, Any]]], args: Any, causal:
     return payload
 
 
+def merge(paths: list[str], output: str) -> dict[str, Any]:
+    """One results file from several suite runs: their tasks (a task in two files is refused), each with its run's
+    ``run`` entry (commit, settings, environment), and the summary over all; ``summary.frozen_commit`` is the
+    commit they share, or None with ``summary.commits`` listing them when they differ."""
+    import json
+
+    tasks: dict[str, Any] = {}
+    for path in paths:
+        with open(path) as f:
+            result = json.load(f)
+        if result.get("benchmark") != "suite":
+            raise ValueError(f"{path} is not a suite result (benchmark={result.get('benchmark')!r})")
+        for name, entry in result["tasks"].items():
+            if name in tasks:
+                raise ValueError(f"task {name!r} is in more than one of {paths}; merge each task once")
+            run = {
+                "file": os.path.basename(path),
+                "complete": result.get("complete"),
+                "commit": result["summary"].get("frozen_commit"),
+                "settings": result.get("settings"),
+                "environment": result.get("environment"),
+            }
+            tasks[name] = {**entry, "run": run}
+    commits = sorted({str(e["run"]["commit"]) for e in tasks.values()})
+    dirty = any(e["run"]["environment"]["git"].get("dirty") for e in tasks.values())
+    git = {"commit": commits[0] if len(commits) == 1 else None, "dirty": dirty}
+    summary = summarize(tasks, sum(e.get("causal_lm", n.endswith("_gemma")) for n, e in tasks.items()), git)
+    summary["commits"] = {n: e["run"]["commit"] for n, e in tasks.items()}
+    result = {"benchmark": "suite", "tasks": tasks, "summary": summary, "merged_from": paths, "complete": True}
+    return write_results(output, result)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    limit_threads(args.threads, blas=True)
-    names = parse_list(args.tasks)
-    chosen = {name: make_task(name, args) for name in names}
-    payload = run_suite(chosen, args, {n for n in names if n.endswith("_gemma")})
+    if args.merge:
+        payload = merge(args.merge, args.output)
+    else:
+        limit_threads(args.threads, blas=True)
+        names = parse_list(args.tasks)
+        chosen = {name: make_task(name, args) for name in names}
+        payload = run_suite(chosen, args, {n for n in names if n.endswith("_gemma")})
     s = payload["summary"]
     print({k: v for k, v in s.items() if k != "mean_rank"})
     print("mean rank:", {k: round(v, 2) for k, v in s["mean_rank"].items()})

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -472,6 +473,16 @@ class SelectConfig(ConfigMixin):
             "greedy path's own stop); the similarity baselines keep sources above the mean similarity."
         },
     )
+    confidence: float | None = field(
+        default=None,
+        metadata={
+            "help": "Account for estimation uncertainty in the default keep rule of our methods: keep a source "
+            "(ensemble: its effect; forward: each step of the greedy path) only if its estimated improvement of "
+            "the target loss exceeds this many standard errors over the target rows, so that a gain carried by "
+            "a few rows is not taken for one that holds on new rows; with no such source the selection is the "
+            "target's data alone. None: keep every estimated improvement. 1.64 is a one-sided 95% test."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed for the random subsets."})
     temperature: float = field(
         default=1.0,
@@ -485,3 +496,9 @@ class SelectConfig(ConfigMixin):
             raise ValueError(f"subset_ratio must lie in (0, 1), got {self.subset_ratio!r}.")
         _check_positive("top_k", self.top_k, allow_none=True)
         _check_positive("temperature", self.temperature)
+        if self.confidence is not None and not (
+            isinstance(self.confidence, (int, float)) and 0.0 <= self.confidence < math.inf
+        ):
+            raise ValueError(
+                f"confidence must be a number of standard errors >= 0 (e.g. 1.64) or None, got {self.confidence!r}."
+            )

@@ -50,7 +50,8 @@ class _SubsetEnsembleSelector(FirstOrderSelector):
 
     def score(self, estimator: Any, names: list[str], config: SelectConfig) -> SelectorScores:
         membership = _random_membership(len(names), config, need_nonempty=estimator.forced_source is None)
-        losses = estimator.estimate(membership)
+        estimate = estimator.estimate(membership, details=True)
+        losses, rows = estimate.loss, estimate.per_example
         m = membership.to(torch.float64)
         count = m.shape[0]
         inside = m.sum(0)
@@ -72,7 +73,16 @@ class _SubsetEnsembleSelector(FirstOrderSelector):
             mean_estimated_loss=float(losses.mean()),
             effects={s: float(v) for s, v in zip(names, effects)},
         )
-        return self.from_ensemble(names, m, losses, with_mean, effects, info)
+        scored = self.from_ensemble(names, m, losses, with_mean, effects, info)
+        if config.confidence is not None:
+            per_row = self.per_row_effects(m, rows.to(torch.float64))  # (sources, target rows)
+            se = _standard_error(per_row)
+            mean = per_row.mean(1)
+            scored.default_keep = [
+                n for n, e, u in zip(names, mean.tolist(), se.tolist()) if e + config.confidence * u < 0
+            ]
+            info.update(confidence=config.confidence, effect_standard_errors=dict(zip(names, se.tolist())))
+        return scored
 
     @abstractmethod
     def from_ensemble(
@@ -85,6 +95,13 @@ class _SubsetEnsembleSelector(FirstOrderSelector):
         info: dict[str, Any],
     ) -> SelectorScores:
         """Turn the ensemble's statistics into scores and the default keep set."""
+
+    @staticmethod
+    def per_row_effects(membership: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Each source's effect on each target row's estimated loss, (sources, rows): mean over the subsets with
+        the source minus mean over those without (their row means are the ensemble's effects)."""
+        inside = membership.sum(0)[:, None]
+        return (membership.T @ rows) / inside - ((1 - membership).T @ rows) / (membership.shape[0] - inside)
 
 
 @register_selector("random_ensemble")
@@ -130,31 +147,67 @@ class LinearSelector(_SubsetEnsembleSelector):
         keep = [n for n, c in zip(names, scores.tolist()) if c < 0]
         return SelectorScores(scores=scores, default_keep=keep, info=info)
 
+    @staticmethod
+    def per_row_effects(membership: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Each source's coefficient in the linear fit of each target row's estimated loss, (sources, rows)."""
+        design = torch.cat([torch.ones(membership.shape[0], 1, dtype=torch.float64), membership], 1)
+        return torch.linalg.lstsq(design, rows).solution[1:]
+
 
 @register_selector("forward")
 class ForwardSelector(FirstOrderSelector):
     """Greedy forward selection on L̂ over all candidates. Score = L̂ right after the source was added; ``top_k``
     keeps the first k sources of the greedy path; by default keeps the best prefix of the path (possibly none,
-    leaving the target's own data alone)."""
+    leaving the target's own data alone). With ``confidence`` z, each step adds the source whose improvement is
+    largest at its lower confidence bound (mean change of the target rows' losses plus z standard errors), and
+    the path is kept while that bound is an improvement."""
 
     def score(self, estimator: Any, names: list[str], config: SelectConfig) -> SelectorScores:
+        z = config.confidence or 0.0
         chosen: list[str] = []
         path_losses: list[float] = []
+        bounds: list[float] = []
         scores = torch.full((len(names),), math.nan, dtype=torch.float64)
-        start = float(estimator.estimate([[]])[0]) if estimator.forced_source is not None else math.inf
+        forced = estimator.forced_source is not None
+        previous = estimator.estimate([[]], details=True).per_example[0].to(torch.float64) if forced else None
+        start = float(previous.mean()) if previous is not None else math.inf
         remaining = list(names)
         while remaining:
-            losses = estimator.estimate([chosen + [s] for s in remaining])
-            j = int(torch.argmin(losses))
+            estimate = estimator.estimate([chosen + [s] for s in remaining], details=True)
+            rows = estimate.per_example.to(torch.float64)
+            if (
+                previous is None
+            ):  # no target rows in training to compare with: the first source is the best estimate
+                change = torch.full_like(estimate.loss, -math.inf, dtype=torch.float64)
+            else:
+                change = (rows - previous).mean(1) + z * _standard_error(rows - previous)
+            j = int(torch.argmin(change if z and previous is not None else estimate.loss))
             pick = remaining.pop(j)
             chosen.append(pick)
-            path_losses.append(float(losses[j]))
-            scores[names.index(pick)] = float(losses[j])
-        best = min(range(len(path_losses)), key=path_losses.__getitem__)
-        prefix = 0 if start <= path_losses[best] else best + 1
+            path_losses.append(float(estimate.loss[j]))
+            bounds.append(float(change[j]))
+            scores[names.index(pick)] = float(estimate.loss[j])
+            previous = rows[j]
+        if config.confidence is None:
+            best = min(range(len(path_losses)), key=path_losses.__getitem__)
+            prefix = 0 if start <= path_losses[best] else best + 1
+        else:  # extend the path while each step improves the target rows' loss at the confidence bound
+            prefix = 0
+            while prefix < len(chosen) and bounds[prefix] < 0:
+                prefix += 1
         info = self.estimator_info(estimator)
         info.update(path=list(chosen), path_losses=path_losses, start_loss=start)
+        if config.confidence is not None:
+            info.update(confidence=config.confidence, step_upper_bounds=bounds)
         return SelectorScores(scores=scores, default_keep=chosen[:prefix], order=chosen, info=info)
+
+
+def _standard_error(per_row: torch.Tensor) -> torch.Tensor:
+    """Standard error of the mean over the last dimension (target rows); 0 with a single row."""
+    n = per_row.shape[-1]
+    if n < 2:
+        return torch.zeros(per_row.shape[:-1], dtype=per_row.dtype)
+    return per_row.std(-1, correction=1) / math.sqrt(n)
 
 
 def _random_membership(n: int, config: SelectConfig, need_nonempty: bool) -> torch.Tensor:

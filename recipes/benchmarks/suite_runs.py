@@ -26,7 +26,14 @@ from harness.tasks import Task, TaskData, random_subsets, subset_rows
 from harness.training import restore
 
 Subset = tuple[str, ...]
-VARIANTS = ("forward", "linear")  # our non-default selectors, fine-tuned and reported too (memoized: free if equal)
+# our other selectors and keep rules (SelectConfig fields), fine-tuned and reported beside the default (memoized:
+# free when a variant keeps the same sources as a method already run)
+VARIANTS = {
+    "forward": {"method": "forward"},
+    "linear": {"method": "linear"},
+    "confident": {"method": "random_ensemble", "confidence": 1.64},
+    "forward_confident": {"method": "forward", "confidence": 1.64},
+}
 
 
 @dataclass
@@ -160,8 +167,8 @@ def select_methods(
     }
     for draw in range(random_draws):
         methods[f"random/{draw}"] = {"sources": list(random_baseline(cache, k, draw).selected)}
-    for variant in VARIANTS:  # our other selectors at their own keep rules, reported beside the default
-        picked = select_sources(est, config=SelectConfig(method=variant))
+    for variant, fields in VARIANTS.items():  # our other selectors and keep rules, reported beside the default
+        picked = select_sources(est, config=SelectConfig(**fields))
         methods[f"variant/{variant}"] = {"sources": list(picked.selected)}
     return methods, ours_seconds
 

@@ -162,6 +162,13 @@ def test_suite_end_to_end(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Non
     with pytest.raises(ValueError, match="more than one"):
         suite.merge([str(out), str(out)], str(tmp_path / "twice.json"))
 
+    from suite_report import report  # the markdown tables docs/benchmarks.md shows
+
+    text = report(merged)
+    ours_row = next(line for line in text.splitlines() if line.startswith("| ours |"))
+    assert ours_row.count("±") == 2  # one cell per task
+    assert "| toy2 |" in text and "ours vs best_similarity" in text
+
 
 def test_paired_needs_matching_seeds() -> None:
     from suite_runs import paired

@@ -110,9 +110,31 @@ def _runtime(help: str, **kwargs: Any) -> Any:
     return field(metadata={"help": help + " Runtime setting: not saved into manifests."}, **kwargs)
 
 
+# names added at run time by the registries (register_output_fn, register_projector, register_selector), per field:
+# the Literal lists the built-in values, a registered extension is valid too
+_REGISTERED_CHOICES: dict[str, list[str]] = {"output_fn": [], "proj_type": [], "method": []}
+_REGISTER_HINT = {
+    "output_fn": "hf_subset_select.collect.outputs.register_output_fn",
+    "proj_type": "hf_subset_select.collect.projection.register_projector",
+    "method": "hf_subset_select.select.register_selector",
+}
+
+
+def register_choice(field_name: str, value: str) -> None:
+    """Make ``value`` valid for the extensible field ``field_name`` (called by the registries, not by users)."""
+    if field_name not in _REGISTERED_CHOICES:
+        raise ValueError(
+            f"{field_name!r} is not an extensible config field; one of {sorted(_REGISTERED_CHOICES)}."
+        )
+    if value not in _REGISTERED_CHOICES[field_name]:
+        _REGISTERED_CHOICES[field_name].append(value)
+
+
 def _check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not valid; choose one of {list(choices)}.")
+    extra = tuple(c for c in _REGISTERED_CHOICES.get(name, ()) if c not in choices)
+    if value not in choices + extra:
+        hint = f" or register a new one with {_REGISTER_HINT[name]}" if name in _REGISTER_HINT else ""
+        raise ValueError(f"{name}={value!r} is not valid; choose one of {list(choices + extra)}{hint}.")
 
 
 def _check_positive(

@@ -156,9 +156,12 @@ def test_suite_end_to_end(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Non
     assert set(merged["tasks"]) == {"toy", "toy2"} and merged["tasks"]["toy"]["run"]["file"] == "suite.json"
     assert merged["summary"]["num_tasks"] == 2 and merged["summary"]["num_causal_lm_tasks"] == 1
     assert merged["summary"]["frozen_commit"] == summary["frozen_commit"]
-    assert merged["summary"]["beats_all_sources"]["ties"] + merged["summary"]["beats_all_sources"]["wins"] + (
-        merged["summary"]["beats_all_sources"]["losses"]
-    ) == 2
+    assert (
+        merged["summary"]["beats_all_sources"]["ties"]
+        + merged["summary"]["beats_all_sources"]["wins"]
+        + (merged["summary"]["beats_all_sources"]["losses"])
+        == 2
+    )
     with pytest.raises(ValueError, match="more than one"):
         suite.merge([str(out), str(out)], str(tmp_path / "twice.json"))
 

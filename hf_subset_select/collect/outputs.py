@@ -208,6 +208,9 @@ _AUTO = {
 
 def register_output_fn(entry: OutputFunction) -> OutputFunction:
     """Add (or replace) a named output function, so that ``CollectConfig(output_fn=name)`` can select it."""
+    from ..config import register_choice
+
+    register_choice("output_fn", entry.name)
     _OUTPUT_FUNCTIONS[entry.name] = entry
     return entry
 

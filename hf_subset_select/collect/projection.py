@@ -246,6 +246,9 @@ def register_projector(cls: type[Projector]) -> type[Projector]:
     """Class decorator: make ``cls`` available as ``CollectConfig(proj_type=cls.kind)`` / :func:`make_projector`."""
     if not cls.kind:
         raise ValueError(f"{cls.__name__} needs a `kind` class attribute to be registered.")
+    from ..config import register_choice
+
+    register_choice("proj_type", cls.kind)
     _PROJECTORS[cls.kind] = cls
     return cls
 

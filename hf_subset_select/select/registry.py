@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ..config import SelectConfig
+from ..config import SelectConfig, register_choice
 from .base import Selector
 from .selection import SourceSelection
 
@@ -44,6 +44,7 @@ def register_selector(name: str) -> Callable[[S], S]:
                 f"{cls.__qualname__} under another name."
             )
         cls.name = name
+        register_choice("method", name)
         _SELECTORS[name] = cls
         return cls
 

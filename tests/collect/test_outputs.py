@@ -191,8 +191,12 @@ def test_sequence_log_odds_gradient_is_the_sft_loss_gradient_up_to_its_factor():
 
 
 def test_a_registered_output_function_is_selected_by_name():
+    from hf_subset_select import CollectConfig
     from hf_subset_select.collect.outputs import _OUTPUT_FUNCTIONS, OutputFunction, register_output_fn
     from hf_subset_select.demo.toy import make_tiny_causal_lm, make_tiny_classifier
+
+    with pytest.raises(ValueError, match="output_fn='first_logit' is not valid.*register_output_fn"):
+        CollectConfig(output_fn="first_logit")
 
     def first_logit(kind, prob_clamp):
         return lambda out, batch: out.logits[:, 0, 0]
@@ -201,6 +205,9 @@ def test_a_registered_output_function_is_selected_by_name():
         OutputFunction("first_logit", ("causal_lm",), first_logit, "a causal LM", "classification_margin")
     )
     try:
+        from hf_subset_select import CollectConfig
+
+        assert CollectConfig(output_fn="first_logit").output_fn == "first_logit"  # a registered name is valid
         spec = resolve_output_fn(make_tiny_causal_lm("gpt2"), "first_logit")
         assert spec.name == "first_logit" and spec.kind == "causal_lm"
         with pytest.raises(ValueError, match=r"needs a causal LM, .*output_fn='classification_margin'"):

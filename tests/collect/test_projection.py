@@ -160,6 +160,11 @@ def test_a_registered_projector_kind_is_built_by_make_projector():
             return 2 * super().project(grads)
 
     try:
+        from hf_subset_select import CollectConfig
+
+        assert (
+            CollectConfig(proj_type="doubled").proj_type == "doubled"
+        )  # the config accepts a registered kind
         proj = make_projector("doubled", 8, 0, [("w", (2, 3))])
         assert isinstance(proj, Doubled) and proj.manifest()["kind"] == "doubled" and proj.dim == 6
         g = {"w": torch.ones(1, 2, 3)}

@@ -76,7 +76,9 @@ def test_no_target_source_cache_forward_starts_empty():
     assert sel.target_source is None
     assert sel.selected and set(sel.selected) <= set(ALIGNED)
     careful = select_sources(est, method="forward", config=SelectConfig(confidence=1.64))
-    assert careful.info["path"][0] == sel.info["path"][0]  # the first step: the best estimate, nothing to test
+    assert (
+        careful.info["path"][0] == sel.info["path"][0]
+    )  # the first step: the best estimate, nothing to test
     assert careful.selected and set(careful.selected) <= set(ALIGNED)
     ens = select_sources(est, config=SelectConfig(num_subsets=200))
     assert set(ALIGNED) <= set(ens.selected)

@@ -63,11 +63,20 @@ def test_every_selector_applies_the_same_keep_rule(est, method):
 
 @pytest.fixture
 def isolated_registry(monkeypatch):
+    import hf_subset_select.config as config_module
+
     monkeypatch.setattr(registry, "_SELECTORS", dict(registry._SELECTORS))
+    monkeypatch.setattr(
+        config_module,
+        "_REGISTERED_CHOICES",
+        {k: list(v) for k, v in config_module._REGISTERED_CHOICES.items()},
+    )
 
 
 def test_registering_a_selector_makes_select_sources_use_it(est, isolated_registry):
     calls = []
+    with pytest.raises(ValueError, match="method='alphabetical' is not valid.*register_selector"):
+        SelectConfig(method="alphabetical")
 
     @register_selector("alphabetical")
     class Alphabetical(Selector):
@@ -84,6 +93,7 @@ def test_registering_a_selector_makes_select_sources_use_it(est, isolated_regist
     assert sel.method == "alphabetical" and sel.info == {"seen": len(est.sources)}
     assert sel.selected == sorted(est.sources)[:1]
     top = select_sources(est, method="alphabetical", config=SelectConfig(top_k=3))
+    assert select_sources(est, config=SelectConfig(method="alphabetical")).method == "alphabetical"
     assert set(top.selected) == set(sorted(est.sources)[:3])
 
 

@@ -486,7 +486,10 @@ def load_meta_init(
                     f"base_model's parameters do not match the manifest (e.g. {bad[:3]}): it is a different "
                     "architecture or size than the model θ* was trained from."
                 )
-            state = load_file(os.path.join(path, "model.safetensors"))
+            weights = os.path.join(path, "model.safetensors")
+            if not os.path.isfile(weights):
+                raise MetaInitManifestError(f"{weights!r} is missing; {_REDO} (delete the directory first).")
+            state = load_file(weights)
             missing, _unexpected = base_model.load_state_dict(state, strict=False)
             real_missing = [m for m in missing if m in shapes]
             if real_missing:

@@ -10,7 +10,8 @@ Fields come in two kinds. Result fields define what a run computes (the projecti
 goes, never what it computes: :meth:`ConfigMixin.result_dict` leaves them out, so changing one never
 invalidates a cache.
 Every config saves to and loads from JSON; loading warns about and drops keys it does not know (a file from a
-newer or older version still loads).
+newer or older version still loads), and raises :class:`ConfigError` (a ``ValueError``) for a value of the wrong
+type or range, naming the field and what it must be.
 """
 
 from __future__ import annotations
@@ -19,15 +20,25 @@ import dataclasses
 import json
 import math
 import os
+import types
+import typing
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-from .io_utils import atomic_write_text
+from .io_utils import atomic_write_text, read_json
 
 T = TypeVar("T", bound="ConfigMixin")
 
-__all__ = ["ConfigMixin", "MetaInitConfig", "CollectConfig", "EstimatorConfig", "SelectConfig"]
+__all__ = ["ConfigMixin", "ConfigError", "MetaInitConfig", "CollectConfig", "EstimatorConfig", "SelectConfig"]
+
+
+class ConfigError(ValueError):
+    """A config value of the wrong type or range, or a config file that cannot be read (the message says which)."""
+
+
+class _ConfigNotFound(ConfigError, FileNotFoundError):
+    """No config file at the path (also a ``FileNotFoundError``)."""
 
 
 class ConfigMixin:
@@ -64,10 +75,17 @@ class ConfigMixin:
 
     @classmethod
     def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+        """Build the config from a dict (unknown keys warned about and dropped).
+
+        Raises:
+            ConfigError: ``data`` is not a dict, holds another config type, or a field has the wrong type or range.
+        """
+        if not isinstance(data, dict):
+            raise ConfigError(f"A {cls.__name__} is read from a JSON object, got {type(data).__name__}.")
         data = dict(data)
         stored_type = data.pop("config_type", cls.config_type)
         if stored_type != cls.config_type:
-            raise ValueError(
+            raise ConfigError(
                 f"This JSON holds a {stored_type!r} config, not a {cls.config_type!r} config; "
                 f"load it with the matching class."
             )
@@ -80,7 +98,9 @@ class ConfigMixin:
                 UserWarning,
                 stacklevel=2,
             )
-        return cls(**{k: v for k, v in data.items() if k in names})  # type: ignore[call-arg]
+        known = {k: v for k, v in data.items() if k in names}
+        _check_types(cls, known)
+        return cls(**known)  # type: ignore[call-arg]
 
     @classmethod
     def load(cls: type[T], path: str | os.PathLike) -> T:
@@ -88,16 +108,69 @@ class ConfigMixin:
         path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, f"{cls.config_type}.json")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"No {cls.__name__} JSON at {path!r}.")
-        with open(path, encoding="utf-8") as handle:
-            try:
-                data = json.load(handle)
-            except json.JSONDecodeError as exc:
-                raise ValueError(
-                    f"{path!r} is not valid JSON ({exc}); re-create it with {cls.__name__}.save()."
-                ) from exc
-        return cls.from_dict(data)
+        if not os.path.isfile(path):
+            raise _ConfigNotFound(f"No {cls.__name__} JSON at {path!r}.")
+        try:
+            data = read_json(path)
+        except ValueError as exc:
+            raise ConfigError(
+                f"{path!r} is not valid JSON ({exc}); re-create it with {cls.__name__}.save()."
+            ) from exc
+        try:
+            return cls.from_dict(data)
+        except ConfigError as exc:
+            raise ConfigError(f"{path!r}: {exc}") from None
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return f"one of {list(typing.get_args(tp))}"
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if typing.get_origin(tp) in (list, tuple):
+        item = typing.get_args(tp)[0]
+        return "a list of " + {bool: "booleans", int: "integers", float: "numbers", str: "strings"}.get(
+            item, "items"
+        )
+    return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}.get(
+        tp, str(tp)
+    )
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    """Whether a JSON value fits a field annotation (no bool for a number; an int is a valid float)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in typing.get_args(tp))
+    if origin is Literal:  # the type only: __post_init__ checks the value (registered extensions included)
+        return any(type(value) is type(c) for c in typing.get_args(tp))
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple)) and all(_matches(v, typing.get_args(tp)[0]) for v in value)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if tp is str:
+        return isinstance(value, str)
+    return True  # Any or an annotation this checker does not know
+
+
+def _check_types(cls: type, values: dict[str, Any]) -> None:
+    """Raise :class:`ConfigError` for the first value that does not fit its field's annotation."""
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():
+        tp = hints.get(name, Any)
+        if not _matches(value, tp):
+            raise ConfigError(
+                f"{cls.__name__}.{name} must be {_type_name(tp)}, got {value!r:.60}. Fix the value in the config "
+                "file (or dict) and load it again."
+            )
 
 
 def _choice(default: str, choices: tuple[str, ...], help: str) -> Any:
@@ -134,7 +207,7 @@ def _check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
     extra = tuple(c for c in _REGISTERED_CHOICES.get(name, ()) if c not in choices)
     if value not in choices + extra:
         hint = f" or register a new one with {_REGISTER_HINT[name]}" if name in _REGISTER_HINT else ""
-        raise ValueError(f"{name}={value!r} is not valid; choose one of {list(choices + extra)}{hint}.")
+        raise ConfigError(f"{name}={value!r} is not valid; choose one of {list(choices + extra)}{hint}.")
 
 
 def _check_positive(
@@ -143,10 +216,10 @@ def _check_positive(
     if value is None:
         if allow_none:
             return
-        raise ValueError(f"{name} must be set.")
+        raise ConfigError(f"{name} must be set.")
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be {bound}, got {value!r}.")
+        raise ConfigError(f"{name} must be {bound}, got {value!r}.")
 
 
 @dataclass
@@ -174,7 +247,7 @@ class MetaInitConfig(ConfigMixin):
 
     def __post_init__(self) -> None:
         if any((not isinstance(s, int)) or s <= 0 for s in self.save_steps):
-            raise ValueError(f"save_steps must be positive integers, got {self.save_steps!r}.")
+            raise ConfigError(f"save_steps must be positive integers, got {self.save_steps!r}.")
 
 
 @dataclass
@@ -279,12 +352,12 @@ class CollectConfig(ConfigMixin):
         _check_positive("proj_dim", self.proj_dim)
         _check_positive("sparse_nnz", self.sparse_nnz)
         if self.proj_type == "sparse" and self.sparse_nnz > self.proj_dim:
-            raise ValueError(f"sparse_nnz={self.sparse_nnz} cannot exceed proj_dim={self.proj_dim}.")
+            raise ConfigError(f"sparse_nnz={self.sparse_nnz} cannot exceed proj_dim={self.proj_dim}.")
         _check_positive("proj_chunk_size", self.proj_chunk_size)
         _check_positive("batch_size", self.batch_size)
         _check_positive("max_length", self.max_length)
         if not 0.0 < self.prob_clamp < 0.5:
-            raise ValueError(f"prob_clamp must lie in (0, 0.5), got {self.prob_clamp!r}.")
+            raise ConfigError(f"prob_clamp must lie in (0, 0.5), got {self.prob_clamp!r}.")
         _check_positive("shard_size", self.shard_size)
         _check_positive("proj_cache_mb", self.proj_cache_mb, allow_zero=True)
 
@@ -407,7 +480,7 @@ class EstimatorConfig(ConfigMixin):
         _check_positive("finetune_lr", self.finetune_lr, allow_none=True)
         _check_positive("finetune_steps", self.finetune_steps, allow_none=True)
         if (self.finetune_lr is None) != (self.finetune_steps is None):
-            raise ValueError(
+            raise ConfigError(
                 "The budget λ rule needs both finetune_lr and finetune_steps (the target fine-tune's learning rate "
                 f"and optimizer steps); got finetune_lr={self.finetune_lr!r}, finetune_steps={self.finetune_steps!r}. "
                 "Set both, or neither for the trust-radius rule."
@@ -515,12 +588,12 @@ class SelectConfig(ConfigMixin):
         self._check_choices()
         _check_positive("num_subsets", self.num_subsets)
         if not 0.0 < self.subset_ratio < 1.0:
-            raise ValueError(f"subset_ratio must lie in (0, 1), got {self.subset_ratio!r}.")
+            raise ConfigError(f"subset_ratio must lie in (0, 1), got {self.subset_ratio!r}.")
         _check_positive("top_k", self.top_k, allow_none=True)
         _check_positive("temperature", self.temperature)
         if self.confidence is not None and not (
             isinstance(self.confidence, (int, float)) and 0.0 <= self.confidence < math.inf
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"confidence must be a number of standard errors >= 0 (e.g. 1.64) or None, got {self.confidence!r}."
             )

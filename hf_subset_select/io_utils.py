@@ -9,7 +9,16 @@ import tempfile
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["atomic_write_text", "atomic_write_json", "atomic_save_file", "read_json", "fingerprint_tensors"]
+__all__ = [
+    "atomic_write_text",
+    "atomic_write_json",
+    "atomic_save_file",
+    "read_json",
+    "fingerprint_tensors",
+    "file_sha256",
+    "file_record",
+    "file_problem",
+]
 
 
 def _atomic_replace(path: str, write: Any) -> None:
@@ -52,8 +61,41 @@ def atomic_save_file(
 
 
 def read_json(path: str | os.PathLike) -> Any:
+    """Parse a JSON file; any malformed content (bad syntax, bad UTF-8, absurd nesting) raises ``ValueError``."""
     with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+        try:
+            return json.load(handle)
+        except RecursionError:
+            raise ValueError("the JSON is nested too deeply") from None
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 hex digest of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_record(path: str | os.PathLike) -> dict[str, Any]:
+    """``{"bytes": size, "sha256": digest}`` of a file: what a manifest records to verify it on load."""
+    return {"bytes": os.path.getsize(path), "sha256": file_sha256(path)}
+
+
+def file_problem(path: str | os.PathLike, record: dict[str, Any]) -> str | None:
+    """What is wrong with ``path`` against its manifest ``record`` (from :func:`file_record`), or None if intact.
+
+    The size is compared first (cheap, catches truncation); the SHA-256 always, so no altered byte goes unseen.
+    """
+    if not os.path.isfile(path):
+        return "is missing"
+    size = os.path.getsize(path)
+    if size != record.get("bytes"):
+        return f"has {size} bytes but the manifest records {record.get('bytes')} (truncated or replaced)"
+    if file_sha256(path) != record.get("sha256"):
+        return "does not match the SHA-256 recorded in the manifest (its bytes were altered)"
+    return None
 
 
 def fingerprint_tensors(named: Iterable[tuple[str, Any]]) -> str:

@@ -107,3 +107,83 @@ def torchrun(tmp_path):
         return proc
 
     return run
+
+
+@pytest.fixture(scope="session")
+def mutate_json():
+    """``mutate(data, doc)``: a copy of the JSON document ``doc`` with 1 to 3 mutations drawn by hypothesis
+    (``data`` from ``st.data()``): a key or list item dropped, or a value replaced by null, ``"x"``, -1, a huge
+    number, NaN, a wrong-typed or nested junk value, wrapped in a list, or turned into its JSON string. For the
+    loader fuzz tests (tests/*/test_fuzz_*.py)."""
+    import copy
+    import json
+
+    from hypothesis import strategies as st
+
+    fixed = st.sampled_from(
+        [
+            None,
+            "x",
+            "",
+            -1,
+            0,
+            1.5,
+            True,
+            10**30,
+            -(10**30),
+            float("nan"),
+            float("inf"),
+            [],
+            {},
+            [None],
+            {"x": {"y": [1, "x"]}},
+        ]
+    )
+    scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=6)
+    junk = st.recursive(
+        scalars,
+        lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=4), kids, max_size=3),
+        max_leaves=6,
+    )
+
+    def paths(doc, prefix=()):
+        if prefix:
+            yield prefix
+        if isinstance(doc, dict):
+            for key, value in doc.items():
+                yield from paths(value, (*prefix, key))
+        elif isinstance(doc, list):
+            for i, value in enumerate(doc):
+                yield from paths(value, (*prefix, i))
+
+    def mutate(data, doc):
+        doc = copy.deepcopy(doc)
+        for _ in range(data.draw(st.integers(1, 3), label="mutations")):
+            where = list(paths(doc))
+            if not where:
+                break
+            path = data.draw(st.sampled_from(where), label="path")
+            parent = doc
+            for key in path[:-1]:
+                parent = parent[key]
+            key, old = path[-1], parent[path[-1]]
+            op = data.draw(
+                st.sampled_from(["drop", "fixed", "junk", "wrap", "stringify", "scale"]), label="op"
+            )
+            if op == "drop":
+                del parent[key]
+            elif op == "fixed":
+                parent[key] = data.draw(fixed)
+            elif op == "junk":
+                parent[key] = data.draw(junk)
+            elif op == "wrap":
+                parent[key] = [old]
+            elif op == "stringify":
+                parent[key] = json.dumps(old)
+            elif isinstance(old, (int, float)) and not isinstance(old, bool):
+                parent[key] = old * data.draw(st.sampled_from([-1, 10**20, 0]))
+            else:
+                parent[key] = data.draw(fixed)
+        return doc
+
+    return mutate

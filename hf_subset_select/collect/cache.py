@@ -2,7 +2,8 @@
 
 On disk (see docs/cache_format.md)::
 
-    <dir>/manifest.json          format version, projection, output function, fingerprints, counts
+    <dir>/manifest.json          format version, projection, output function, fingerprints, counts, and the
+                                 byte size and SHA-256 of every data file (``files``), verified on load
     <dir>/cache.safetensors      features [N, d] float32, outputs [N], example_id [N] int64,
                                  source_index [N] int64, split [N] int8 (0 = train, 1 = target),
                                  optional representations [N, h] float32
@@ -24,7 +25,9 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..io_utils import atomic_save_file, atomic_write_json, read_json
+from ..io_utils import atomic_save_file, atomic_write_json, file_problem, file_record, read_json
+from ..schema import SchemaError
+from .cache_manifest import DATA_NAME, PRECONDITIONER_NAME, check_cache_manifest
 from .precondition import check_preconditioner, preconditioner_sha256
 
 __all__ = [
@@ -43,8 +46,6 @@ CACHE_FORMAT_VERSION = 1
 SPLIT_TRAIN = 0
 SPLIT_TARGET = 1
 MANIFEST_NAME = "manifest.json"
-DATA_NAME = "cache.safetensors"
-PRECONDITIONER_NAME = "preconditioner.safetensors"
 CACHE_COLUMNS = ("features", "outputs", "example_ids", "source_index", "split")
 
 
@@ -264,10 +265,13 @@ class GradientCache:
         }
         if self.representations is not None:
             tensors["representations"] = self.representations
-        atomic_save_file(tensors, os.path.join(path, DATA_NAME))
+        data_path = os.path.join(path, DATA_NAME)
+        atomic_save_file(tensors, data_path)
+        files = {DATA_NAME: file_record(data_path)}
         pre_path = os.path.join(path, PRECONDITIONER_NAME)
         if self.preconditioner is not None:
             atomic_save_file(dict(self.preconditioner), pre_path)
+            files[PRECONDITIONER_NAME] = file_record(pre_path)
         elif os.path.exists(pre_path):  # a stale file from an earlier cache in this directory
             os.remove(pre_path)
         manifest = dict(self.manifest)
@@ -283,6 +287,7 @@ class GradientCache:
                 "dim": self.dim,
                 "counts": self.counts(),
                 "has_representations": self.representations is not None,
+                "files": files,
             }
         )
         manifest.setdefault("fingerprint", self._content_fingerprint())
@@ -291,7 +296,14 @@ class GradientCache:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> GradientCache:
-        """Load and check a cache written by :meth:`save` or by the collector."""
+        """Load and check a cache written by :meth:`save` or by the collector.
+
+        The manifest is checked key by key, then every data file against the size and SHA-256 it records.
+
+        Raises:
+            GradientCacheError: the directory is not a complete cache, its manifest is malformed or from an older
+                release, or a file is missing, truncated or altered (the message names it and the fix).
+        """
         from safetensors.torch import load_file
 
         path = os.fspath(path)
@@ -304,20 +316,8 @@ class GradientCache:
             raise GradientCacheError(
                 f"{path!r} has no {MANIFEST_NAME}: the collection did not finish. Re-run it; completed shards are reused."
             )
-        try:
-            manifest = read_json(mpath)
-        except ValueError as exc:
-            raise GradientCacheError(f"{mpath!r} is not valid JSON ({exc}); re-collect the cache.") from exc
-        if manifest.get("format") != "hf_subset_select.gradient_cache":
-            raise GradientCacheError(f"{mpath!r} is not a hf_subset_select gradient cache manifest.")
-        version = manifest.get("format_version")
-        if version != CACHE_FORMAT_VERSION:
-            raise GradientCacheError(
-                f"Cache format version {version} is not supported by this release (expects {CACHE_FORMAT_VERSION}); "
-                "re-collect with this version of hf-subset-select."
-            )
-        if not os.path.exists(dpath):
-            raise GradientCacheError(f"{path!r} has a manifest but no {DATA_NAME}; re-collect the cache.")
+        manifest = _read_manifest(mpath)
+        _verify_files(path, manifest["files"])
         try:
             t = load_file(dpath)
         except Exception as exc:  # safetensors raises its own error types for corrupt files
@@ -338,20 +338,70 @@ class GradientCache:
             representations=t.get("representations"),
             preconditioner=preconditioner,
         )
-        if cache.num_examples != manifest.get("num_examples") or cache.dim != manifest.get("dim"):
+        if cache.num_examples != manifest["num_examples"] or cache.dim != manifest["dim"]:
             raise GradientCacheError(
                 f"{path!r}: the data ({cache.num_examples} x {cache.dim}) does not match its manifest "
-                f"({manifest.get('num_examples')} x {manifest.get('dim')}); re-collect the cache."
+                f"({manifest['num_examples']} x {manifest['dim']}); re-collect the cache."
+            )
+        if cache.counts() != manifest["counts"] or manifest["has_representations"] != (
+            "representations" in t
+        ):
+            raise GradientCacheError(
+                f"{mpath!r}: 'counts' or 'has_representations' do not match the data (the manifest was edited); "
+                "restore the original manifest or re-collect the cache."
             )
         return cache
+
+
+_FIX = "delete the directory and re-collect the cache (re-run the collection)"
+
+
+def _read_manifest(mpath: str) -> dict[str, Any]:
+    """Parse ``manifest.json`` and check every key; raise :class:`GradientCacheError` naming the bad key."""
+    try:
+        manifest = read_json(mpath)
+    except ValueError as exc:
+        raise GradientCacheError(f"{mpath!r} is not valid JSON ({exc}); {_FIX}.") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != "hf_subset_select.gradient_cache":
+        raise GradientCacheError(f"{mpath!r} is not a hf_subset_select gradient cache manifest.")
+    version = manifest.get("format_version")
+    if version != CACHE_FORMAT_VERSION or isinstance(version, bool):
+        raise GradientCacheError(
+            f"Cache format version {version!r} is not supported by this release (expects {CACHE_FORMAT_VERSION}); "
+            "re-collect with this version of hf-subset-select."
+        )
+    try:
+        check_cache_manifest(manifest)
+    except SchemaError as exc:
+        if exc.key == "files" and "files" not in manifest:
+            raise GradientCacheError(
+                f"{mpath!r} was written by an older hf-subset-select that did not record file checksums, so the "
+                "cache cannot be verified. Re-collect it with this version (in the same output_dir, pass "
+                "CollectConfig(overwrite=True))."
+            ) from None
+        raise GradientCacheError(
+            f"{mpath!r} is malformed: {exc}. The manifest was edited or damaged; restore it from a copy, or {_FIX}."
+        ) from None
+    return manifest
+
+
+def _verify_files(path: str, records: dict[str, Any]) -> None:
+    """Check every data file the manifest lists against its recorded size and SHA-256."""
+    for name, record in records.items():
+        problem = file_problem(os.path.join(path, name), record)
+        if problem is not None:
+            raise GradientCacheError(
+                f"{os.path.join(path, name)!r} {problem}: the cache is damaged. Restore the file from where the "
+                f"cache was copied, or {_FIX}."
+            )
 
 
 def _load_preconditioner(path: str, manifest: dict[str, Any]) -> dict[str, torch.Tensor] | None:
     """The cache's preconditioner (None for ``kind == "none"`` or caches older than the key), checked by SHA-256."""
     from safetensors.torch import load_file
 
-    info = manifest.get("precondition") or {"kind": "none"}
-    if info.get("kind", "none") == "none":
+    info = manifest.get("precondition", {"kind": "none"})
+    if info["kind"] == "none":
         return None
     ppath = os.path.join(path, PRECONDITIONER_NAME)
     if not os.path.exists(ppath):

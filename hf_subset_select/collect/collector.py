@@ -365,7 +365,9 @@ class GradientCollector(TrainerCallback):
         if meta is not None:
             manifest["meta_init"] = {
                 "path": meta[0],
-                "fingerprint": meta[1].get("fingerprint"),
+                "fingerprint": meta[1].get("fingerprint")
+                if isinstance(meta[1].get("fingerprint"), str)
+                else None,
                 "matches_theta": meta[1].get("fingerprint") == theta_fp,
             }
         return manifest
@@ -380,7 +382,8 @@ def _find_meta_init(model: Any) -> tuple[str, dict[str, Any]] | None:
     for path in (getattr(model, "name_or_path", None), _name_or_path(model)):
         if isinstance(path, str) and os.path.isfile(os.path.join(path, META_INIT_MANIFEST)):
             try:
-                return path, read_json(os.path.join(path, META_INIT_MANIFEST))
+                manifest = read_json(os.path.join(path, META_INIT_MANIFEST))
             except ValueError:
                 return None
+            return (path, manifest) if isinstance(manifest, dict) else None
     return None

@@ -6,6 +6,8 @@ Layout of ``<output_dir>/meta_init/`` (or the configured directory)::
     config.json + model.safetensors                     (full fine-tuning)
     meta_init.json                                      manifest, written last
 
+The manifest records the byte size and SHA-256 of every file saved with θ* (``files``); loading verifies them.
+
 The manifest records the base model, the trainable parameters (names, shapes, dtypes), a SHA-256
 fingerprint of θ* (the trainable parameters), a cheap fingerprint of the base model, the sources with their
 example counts, the target source, the global step and the package version.
@@ -18,6 +20,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -29,7 +32,18 @@ from .. import __version__
 from ..config import MetaInitConfig
 from ..data.sources import SOURCE_COLUMN, source_counts, target_of
 from ..data.trainers import BookkeepingColumnsError, check_bookkeeping
-from ..io_utils import atomic_write_json, fingerprint_tensors, read_json
+from ..io_utils import atomic_write_json, file_problem, file_record, fingerprint_tensors, read_json
+from ..schema import (
+    SchemaError,
+    dict_of,
+    hexdigest,
+    integer,
+    list_of,
+    number,
+    obj,
+    optional,
+    string,
+)
 
 __all__ = [
     "MetaInitCallback",
@@ -146,7 +160,8 @@ def _base_name(model: Any) -> str | None:
 
 
 def _save_dir(save: Any, final_dir: str, manifest: dict[str, Any]) -> None:
-    """Save into a temporary sibling directory, move the files in, and write the manifest last.
+    """Save into a temporary sibling directory, record each file's size and SHA-256 in ``manifest["files"]``,
+    move the files in, and write the manifest last.
 
     The old manifest is removed first, so a crash half-way leaves a directory that loaders refuse (no
     manifest) rather than a mix of old and new files that looks complete. Snapshot sub-directories
@@ -157,6 +172,11 @@ def _save_dir(save: Any, final_dir: str, manifest: dict[str, Any]) -> None:
     tmp = tempfile.mkdtemp(prefix=".tmp-meta-init-", dir=parent)
     try:
         save(tmp)
+        manifest["files"] = {
+            name: file_record(os.path.join(tmp, name))
+            for name in sorted(os.listdir(tmp))
+            if os.path.isfile(os.path.join(tmp, name))
+        }
         manifest_path = os.path.join(final_dir, META_INIT_MANIFEST)
         if os.path.exists(manifest_path):
             os.remove(manifest_path)
@@ -328,15 +348,74 @@ def read_meta_init_manifest(path: str | os.PathLike) -> dict[str, Any]:
     try:
         manifest = read_json(mpath)
     except ValueError as exc:
-        raise MetaInitManifestError(f"{mpath!r} is not valid JSON ({exc}).") from exc
-    if manifest.get("format") != META_INIT_FORMAT:
+        raise MetaInitManifestError(f"{mpath!r} is not valid JSON ({exc}); {_REDO}.") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != META_INIT_FORMAT:
         raise MetaInitManifestError(f"{mpath!r} is not a hf_subset_select meta-init manifest.")
-    if manifest.get("format_version") != META_INIT_FORMAT_VERSION:
+    version = manifest.get("format_version")
+    if version != META_INIT_FORMAT_VERSION or isinstance(version, bool):
         raise MetaInitManifestError(
-            f"Meta-init format version {manifest.get('format_version')} is not supported by this release "
-            f"(expects {META_INIT_FORMAT_VERSION})."
+            f"Meta-init format version {version!r} is not supported by this release "
+            f"(expects {META_INIT_FORMAT_VERSION}); {_REDO} with this version."
         )
+    try:
+        _MANIFEST(manifest, "")
+        for name in manifest.get("files", {}):
+            if not name or name.startswith(".") or "/" in name or "\\" in name:
+                raise SchemaError(f"files.{name}", "a plain file name inside the directory", name)
+    except SchemaError as exc:
+        raise MetaInitManifestError(
+            f"{mpath!r} is malformed: {exc}. It was edited or damaged; restore it from a copy, or {_REDO}."
+        ) from None
     return manifest
+
+
+_REDO = "re-run the multitask SFT with MetaInitCallback"
+_RECORD = obj({"bytes": integer(), "sha256": hexdigest(64)}, closed=True)
+_MANIFEST = obj(
+    {
+        "kind": string(choices=("peft", "full")),
+        "trainable_parameters": list_of(
+            obj({"name": string(nonempty=True), "shape": list_of(integer()), "dtype": string()})
+        ),
+        "fingerprint": hexdigest(64),
+        "base_parameters": obj(
+            {"count": integer(), "fingerprint": hexdigest(64)}, {"excluded_modules": list_of(string())}
+        ),
+    },
+    {
+        "package_version": string(),
+        "created": string(),
+        "model_class": string(),
+        "base_model_name_or_path": optional(string()),
+        "num_trainable_parameters": integer(),
+        "sources": dict_of(integer()),
+        "target_source": optional(string()),
+        "global_step": integer(),
+        "epoch": optional(number()),
+        "files": dict_of(_RECORD),
+    },
+)
+
+
+def _verify_files(path: str, manifest: dict[str, Any]) -> bool:
+    """Check every file the manifest lists against its size and SHA-256; False for a manifest from before
+    checksums were recorded (then only θ*'s fingerprint can vouch for the weights)."""
+    if "files" not in manifest:
+        warnings.warn(
+            f"{path!r} was saved by an older hf-subset-select without file checksums; only θ*'s fingerprint is "
+            "checked. Save it again with this version to have every file verified.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return False
+    for name, record in manifest["files"].items():
+        problem = file_problem(os.path.join(path, name), record)
+        if problem is not None:
+            raise MetaInitManifestError(
+                f"{os.path.join(path, name)!r} {problem}: the meta-init is damaged. Restore the directory from "
+                f"where it was copied, or {_REDO} (delete the directory first)."
+            )
+    return True
 
 
 def _check_base(model: Any, manifest: dict[str, Any]) -> None:
@@ -362,13 +441,18 @@ def load_meta_init(
         is_trainable: keep the adapter's parameters trainable (needed to collect gradients or fine-tune).
         verify: check the base model and the restored θ* against the manifest's fingerprints.
 
+    Every file is checked against the size and SHA-256 in the manifest first, whatever ``verify`` says.
+
     Raises:
-        MetaInitManifestError: the directory is not a meta-init, or the base model / θ* does not match.
+        MetaInitManifestError: the directory is not a meta-init, its manifest is malformed, a file is missing,
+            truncated or altered, or the base model / θ* does not match.
     """
     import transformers
 
     path = os.fspath(path)
     manifest = read_meta_init_manifest(path)
+    checksummed = _verify_files(path, manifest)
+    verify = verify or not checksummed  # without checksums, θ*'s fingerprint is the only integrity check
     names = [p["name"] for p in manifest["trainable_parameters"]]
     if manifest["kind"] == "peft":
         from peft import PeftModel
@@ -402,7 +486,10 @@ def load_meta_init(
                     f"base_model's parameters do not match the manifest (e.g. {bad[:3]}): it is a different "
                     "architecture or size than the model θ* was trained from."
                 )
-            state = load_file(os.path.join(path, "model.safetensors"))
+            weights = os.path.join(path, "model.safetensors")
+            if not os.path.isfile(weights):
+                raise MetaInitManifestError(f"{weights!r} is missing; {_REDO} (delete the directory first).")
+            state = load_file(weights)
             missing, _unexpected = base_model.load_state_dict(state, strict=False)
             real_missing = [m for m in missing if m in shapes]
             if real_missing:

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..io_utils import atomic_save_file, atomic_write_json, read_json
+from ..io_utils import atomic_save_file, atomic_write_json, file_sha256, read_json
 from .cache import (
     CACHE_COLUMNS,
     CACHE_FORMAT_VERSION,
@@ -67,14 +67,6 @@ def _shard_paths(shards_dir: str, index: int) -> tuple[str, str]:
     return stem + ".safetensors", stem + ".json"
 
 
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save_shard(
     shards_dir: str | os.PathLike, index: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
 ) -> dict[str, Any]:
@@ -97,7 +89,7 @@ def save_shard(
             "num_rows": int(clean["features"].shape[0]),
             "data_file": os.path.basename(data_path),
             "data_bytes": os.path.getsize(data_path),
-            "data_sha256": _file_sha256(data_path),
+            "data_sha256": file_sha256(data_path),
         }
     )
     atomic_write_json(meta_path, meta)
@@ -121,10 +113,12 @@ def complete_shards(shards_dir: str | os.PathLike, verify: bool = True) -> dict[
             meta = read_json(os.path.join(shards_dir, name))
         except ValueError:
             continue
+        if not isinstance(meta, dict):  # an edited or foreign file: the shard is recomputed
+            continue
         data_path, _ = _shard_paths(shards_dir, int(match.group(1)))
         if not os.path.exists(data_path) or os.path.getsize(data_path) != meta.get("data_bytes"):
             continue
-        if verify and _file_sha256(data_path) != meta.get("data_sha256"):
+        if verify and file_sha256(data_path) != meta.get("data_sha256"):
             continue
         out[int(match.group(1))] = meta
     return out
@@ -139,14 +133,19 @@ def load_shard(shards_dir: str | os.PathLike, index: int) -> tuple[dict[str, tor
         raise GradientCacheError(
             f"Shard {index} is missing under {os.fspath(shards_dir)!r}; re-run the collection (it resumes)."
         )
-    meta = read_json(meta_path)
+    try:
+        meta = read_json(meta_path)
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise GradientCacheError(f"Shard JSON {meta_path!r} is corrupt; delete it and re-run the collection.")
     try:
         tensors = load_file(data_path)
     except Exception as exc:  # safetensors raises its own error types for corrupt files
         raise GradientCacheError(
             f"Shard file {data_path!r} is unreadable ({exc}); delete it and re-run."
         ) from exc
-    if int(tensors["features"].shape[0]) != meta.get("num_rows"):
+    if "features" not in tensors or int(tensors["features"].shape[0]) != meta.get("num_rows"):
         raise GradientCacheError(f"Shard file {data_path!r} does not match its JSON; delete both and re-run.")
     return tensors, meta
 
@@ -305,18 +304,23 @@ def existing_action(output_dir: str | os.PathLike, key: Mapping[str, Any], overw
     final = False
     if os.path.exists(manifest_path) and os.path.exists(os.path.join(output_dir, DATA_NAME)):
         try:
-            existing = read_json(manifest_path).get("collection")
+            on_disk = read_json(manifest_path)
         except ValueError:
-            existing = None
-        if (
-            existing is None
-        ):  # a cache saved by other means (or a corrupt manifest): never clobber it silently
+            on_disk = None
+        existing = on_disk.get("collection") if isinstance(on_disk, dict) else None
+        if not isinstance(
+            existing, dict
+        ):  # a cache saved by other means (or corrupt): never clobber it silently
             existing = {"origin": "not written by GradientCollector"}
+        elif "files" not in on_disk:  # written before manifests held checksums: collected again, not reused
+            existing = {**existing, "files": "not recorded (written by an older hf-subset-select)"}
         where, final = manifest_path, True
     if existing is None and os.path.exists(progress_path):
         try:
             existing = read_json(progress_path)
         except ValueError:
+            existing = {}
+        if not isinstance(existing, dict):
             existing = {}
         where = progress_path
     if existing is None:

@@ -18,11 +18,54 @@ import torch
 from .. import __version__
 from ..data.sources import SOURCE_COLUMN
 from ..io_utils import atomic_write_json, read_json
+from ..schema import SchemaError, anything, boolean, dict_of, integer, list_of, number, obj, optional, string
 
-__all__ = ["SourceSelection", "scores_to_weights", "cache_manifest", "SELECTION_FORMAT_VERSION"]
+__all__ = [
+    "SourceSelection",
+    "SelectionFileError",
+    "scores_to_weights",
+    "cache_manifest",
+    "SELECTION_FORMAT_VERSION",
+]
 
 SELECTION_FORMAT = "hf_subset_select.source_selection"
 SELECTION_FORMAT_VERSION = 1
+
+
+class SelectionFileError(ValueError):
+    """A selection JSON that is missing, malformed or inconsistent (:meth:`SourceSelection.load`)."""
+
+
+class _SelectionNotFound(SelectionFileError, FileNotFoundError):
+    """No file at the path (also a ``FileNotFoundError``)."""
+
+
+_SCORE = optional(number())  # NaN scores are written as null
+_SCHEMA = obj(
+    {
+        "method": string(nonempty=True),
+        "sources": list_of(string(nonempty=True), unique=True),
+        "scores": dict_of(_SCORE),
+        "selected": list_of(string(nonempty=True), unique=True),
+        "weights": dict_of(number(0.0)),
+    },
+    {
+        "target_source": optional(string(nonempty=True)),
+        "lower_is_better": boolean(),
+        "info": obj({}, {"effects": dict_of(_SCORE)}),
+        "manifest": obj(
+            {},
+            {
+                "cache_fingerprint": optional(string(nonempty=True)),
+                "cache_sources": list_of(string()),
+                "cache_dim": integer(),
+                "target_source": optional(string()),
+                "select_config": dict_of(anything()),
+                "estimator_config": dict_of(anything()),
+            },
+        ),
+    },
+)
 
 
 def scores_to_weights(
@@ -157,25 +200,39 @@ class SourceSelection:
 
     @classmethod
     def load(cls, path: str | os.PathLike, cache: Any | None = None) -> SourceSelection:
-        """Read a selection written by :meth:`save`; with ``cache``, check that it was made from that cache."""
+        """Read a selection written by :meth:`save`; with ``cache``, check that it was made from that cache.
+
+        Raises:
+            SelectionFileError: the file is missing (then also a ``FileNotFoundError``), not JSON, not a selection,
+                of another format version, or a key has the wrong type or disagrees with the others (the message
+                names it).
+            ValueError: with ``cache``, the selection was not computed from that cache (:meth:`check_cache`).
+        """
         path = os.fspath(path)
-        if not os.path.exists(path):
-            raise FileNotFoundError(
+        if not os.path.isfile(path):
+            raise _SelectionNotFound(
                 f"No source selection at {path!r}; create one with select_sources(...).save(path)."
             )
         try:
             data = read_json(path)
         except ValueError as exc:
-            raise ValueError(
+            raise SelectionFileError(
                 f"{path!r} is not valid JSON ({exc}); re-create it with SourceSelection.save()."
             ) from exc
         if not isinstance(data, dict) or data.get("format") != SELECTION_FORMAT:
-            raise ValueError(f"{path!r} is not a hf_subset_select source selection.")
-        if data.get("format_version") != SELECTION_FORMAT_VERSION:
-            raise ValueError(
-                f"{path!r} has selection format version {data.get('format_version')}, this release reads "
+            raise SelectionFileError(f"{path!r} is not a hf_subset_select source selection.")
+        version = data.get("format_version")
+        if version != SELECTION_FORMAT_VERSION or isinstance(version, bool):
+            raise SelectionFileError(
+                f"{path!r} has selection format version {version!r}, this release reads "
                 f"{SELECTION_FORMAT_VERSION}; re-run select_sources with this version."
             )
+        try:
+            _SCHEMA(data, "")
+        except SchemaError as exc:
+            raise SelectionFileError(
+                f"{path!r} is malformed: {exc}. The file was edited or damaged; re-run select_sources and save it."
+            ) from None
         sel = cls(
             method=data["method"],
             sources=list(data["sources"]),
@@ -183,20 +240,24 @@ class SourceSelection:
             selected=list(data["selected"]),
             weights={k: float(v) for k, v in data["weights"].items()},
             target_source=data.get("target_source"),
-            lower_is_better=bool(data.get("lower_is_better", True)),
+            lower_is_better=data.get("lower_is_better", True),
             info=data.get("info", {}),
             manifest=data.get("manifest", {}),
         )
-        sel._check_consistent()
+        try:
+            sel._check_consistent()
+        except ValueError as exc:
+            raise SelectionFileError(f"{path!r}: {exc}") from None
         if cache is not None:
             sel.check_cache(cache)
         return sel
 
     def _check_consistent(self) -> None:
         unknown = [s for s in self.selected if s not in self.sources]
-        if unknown or set(self.scores) != set(self.sources):
+        if unknown or set(self.scores) != set(self.sources) or not set(self.weights) <= set(self.sources):
             raise ValueError(
-                "The selection's sources, scores and selected lists disagree; the file was edited or is corrupt."
+                "The selection's sources, scores, weights and selected lists disagree; the file was edited or is "
+                "corrupt. Re-run select_sources and save it."
             )
 
     def check_cache(self, cache: Any) -> None:

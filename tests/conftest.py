@@ -172,8 +172,8 @@ def mutate_json():
             )
             if op == "drop":
                 del parent[key]
-            elif op == "fixed":
-                parent[key] = data.draw(fixed)
+            elif op == "fixed":  # a copy: a later mutation must not edit the shared value in place
+                parent[key] = copy.deepcopy(data.draw(fixed))
             elif op == "junk":
                 parent[key] = data.draw(junk)
             elif op == "wrap":
@@ -183,7 +183,7 @@ def mutate_json():
             elif isinstance(old, (int, float)) and not isinstance(old, bool):
                 parent[key] = old * data.draw(st.sampled_from([-1, 10**20, 0]))
             else:
-                parent[key] = data.draw(fixed)
+                parent[key] = copy.deepcopy(data.draw(fixed))
         return doc
 
     return mutate

@@ -176,3 +176,19 @@ def test_apply_collator_and_sampling_read_example_ids(planted):
         SubsetSelectingDataCollator(
             base, sel, mode="weight", source_weighting="mixture", source_counts={"a": 1}
         )
+
+
+def test_large_d_solve_matches_the_direct_one():
+    """Above d = 2048 the Hessian solve runs by conjugate gradients; it agrees with a dense solve."""
+    from hf_subset_select.select.examples import _solve_spd
+
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(40, 2100, generator=gen, dtype=torch.float64)
+    curv = torch.rand(40, generator=gen, dtype=torch.float64)
+    rhs = torch.randn(2100, generator=gen, dtype=torch.float64)
+    v = _solve_spd(g, curv, 0.1, 0.5, rhs)
+    # Woodbury: (λI + c Gᵀ D G)⁻¹ b = (b - c Gᵀ (D⁻¹ + c G Gᵀ / λ)⁻¹ G b / λ) / λ
+    lam, c = 0.5, 0.1
+    inner = torch.diag(1 / curv) + c * g @ g.T / lam
+    want = (rhs - c * g.T @ torch.linalg.solve(inner, g @ rhs) / lam) / lam
+    assert torch.allclose(v, want, rtol=1e-7, atol=1e-9)

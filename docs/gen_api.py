@@ -25,12 +25,18 @@ GROUPS = [
     ),
     ("3. Estimation", ["FirstOrderEstimator", "calibrate", "forward_check"]),
     ("4. Selection", ["select_sources", "SourceSelection"]),
-    ("5. The target fine-tune", ["SubsetSelectingDataCollator", "WeightedLossTrainer", "WeightedLossSFTTrainer"]),
+    (
+        "5. The target fine-tune",
+        ["SubsetSelectingDataCollator", "WeightedLossTrainer", "WeightedLossSFTTrainer"],
+    ),
 ]
 
 # Extension points and building blocks that are not top-level names: where they live.
 MODULES = [
-    ("hf_subset_select.data.sources", "column names (`SOURCE_COLUMN`, `EXAMPLE_ID_COLUMN`), `source_counts`"),
+    (
+        "hf_subset_select.data.sources",
+        "column names (`SOURCE_COLUMN`, `EXAMPLE_ID_COLUMN`), `source_counts`, `tag_clusters`",
+    ),
     ("hf_subset_select.collect.outputs", "output functions f (by name, or your own callable)"),
     ("hf_subset_select.collect.projection", "projectors (Rademacher, Gaussian, sparse JL, identity)"),
     ("hf_subset_select.collect.precondition", "Adam geometry: `adam_preconditioner`, `adam_step_scalars`"),
@@ -39,9 +45,17 @@ MODULES = [
     ("hf_subset_select.select.base", "the `Selector` base class and the shared keep rule"),
     ("hf_subset_select.select.registry", "`register_selector`: add a selector by name"),
     ("hf_subset_select.select.baselines", "gradient similarity, representation similarity, random"),
+    (
+        "hf_subset_select.select.examples",
+        "per-example scores and selections: `select_examples`, `example_effects`",
+    ),
+    ("hf_subset_select.select.clusters", "pseudo-sources: `cluster_sources`, `spherical_kmeans`"),
     ("hf_subset_select.train.weighted_loss", "`WeightedLossTrainerMixin`, `example_weights`"),
     ("hf_subset_select.train.sampler", "`SourceWeightedSampler`"),
-    ("hf_subset_select.demo.synthetic", "`make_synthetic_cache`: caches with a known answer, for tests"),
+    (
+        "hf_subset_select.demo.synthetic",
+        "`make_synthetic_cache`, `plant_harmful_examples`: caches with a known answer, for tests",
+    ),
 ]
 
 

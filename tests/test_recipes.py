@@ -261,7 +261,7 @@ def test_fsdp_sharded_parameters_refused_by_collector(tmp_path, torchrun):
 BENCHMARKS = os.path.join(RECIPES, "benchmarks")
 BENCHMARK_SCRIPTS = [
     "fidelity.py", "fidelity_pretrained.py", "selection.py", "roles.py", "estimate_speed.py",
-    "collect_throughput.py", "weighted_loss_overhead.py",
+    "collect_throughput.py", "weighted_loss_overhead.py", "granularity.py",
 ]  # fmt: skip
 
 
@@ -286,6 +286,21 @@ def test_benchmark_help_has_common_flags(script):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "--output" in proc.stdout and "--quick" in proc.stdout
+
+
+def test_granularity_benchmark_quick(tmp_path):
+    """The synthetic granularity benchmark runs at its smoke scale and writes every method's figures."""
+    out = tmp_path / "granularity.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(BENCHMARKS, "granularity.py"), "--quick", "--output", str(out)],
+        env=_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    easy = data["by_noise"]["1"]
+    assert easy["per_example"]["planted_recall"] == 1.0 and easy["per_example"]["kept_clean_fraction"] >= 0.9
+    assert easy["per_source"]["planted_recall"] == 0.0  # a source-level selection keeps the planted rows
+    assert {f"clusters_{k}" for k in (2, 4, 8, 16)} <= set(easy)
 
 
 def test_harness_cli_flags(harness):

@@ -21,6 +21,7 @@ __all__ = [
     "CONTENT_COLUMNS",
     "tag_sources",
     "tag_target_eval",
+    "tag_clusters",
     "source_counts",
     "make_example_ids",
     "load_dataset_file",
@@ -167,6 +168,35 @@ def tag_target_eval(dataset: Any, name: str = "target") -> Any:
     tagged = _tag_one(dataset, name, "target_eval")
     _check_unique_ids(tagged[EXAMPLE_ID_COLUMN])
     return tagged
+
+
+def tag_clusters(dataset: Any, mapping: Mapping[Any, str]) -> Any:
+    """Set the ``source`` of every row named in ``mapping`` (``{example_id: cluster name}``, from
+    :func:`~hf_subset_select.select.clusters.cluster_sources`) to its cluster, so a selection made on the
+    cluster cache applies to the dataset; other rows keep their source. Keys may be ints or their strings
+    (a mapping read back from JSON)."""
+    columns = getattr(dataset, "column_names", None) or []
+    missing = [c for c in BOOKKEEPING_COLUMNS if c not in columns]
+    if missing:
+        raise ValueError(
+            f"The dataset lacks the column(s) {missing}; tag it with hf_subset_select.tag_sources (one untagged "
+            "dataset: tag_sources({'pool': dataset})) before collecting the cache and clustering it."
+        )
+    if not mapping:
+        raise ValueError("The cluster mapping is empty; pass the mapping returned by cluster_sources(...).")
+    table = {int(k): str(v) for k, v in mapping.items()}
+    hits = sum(int(i) in table for i in dataset[EXAMPLE_ID_COLUMN])
+    if hits == 0:
+        raise ValueError(
+            "No example_id of the dataset is in the cluster mapping; the mapping comes from a cache of another "
+            "dataset. Cluster the cache collected on this dataset."
+        )
+
+    def relabel(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        ids, srcs = batch[EXAMPLE_ID_COLUMN], batch[SOURCE_COLUMN]
+        return {SOURCE_COLUMN: [table.get(int(i), s) for i, s in zip(ids, srcs)]}
+
+    return dataset.map(relabel, batched=True, desc="tag clusters")
 
 
 def target_of(dataset: Any) -> str | None:

@@ -15,7 +15,7 @@ import torch
 
 from ..collect.cache import SPLIT_TARGET, SPLIT_TRAIN, GradientCache
 
-__all__ = ["make_synthetic_cache", "ROLES"]
+__all__ = ["make_synthetic_cache", "plant_harmful_examples", "ROLES"]
 
 ROLES = ("aligned", "opposed", "orthogonal")
 
@@ -162,3 +162,44 @@ def _direction(role: str, anchor: torch.Tensor, gen: torch.Generator) -> torch.T
     v = torch.randn(anchor.shape[0], generator=gen, dtype=torch.float64)
     v = v - (v @ anchor) * anchor
     return v / v.norm()
+
+
+def plant_harmful_examples(
+    cache: GradientCache, sources: Sequence[str], fraction: float = 0.1, *, seed: int = 0
+) -> tuple[GradientCache, torch.Tensor]:
+    """Turn a ``fraction`` of the training rows of ``sources`` harmful: reflect their gradient along the target's
+    mean gradient direction û (g -> g - 2(gᵀû)û), so their component along the target flips sign and the rest
+    of the row (its scatter, its output) is unchanged.
+
+    Returns:
+        (the new cache, the planted rows' example ids).
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must lie in (0, 1), got {fraction}.")
+    gen = torch.Generator().manual_seed(seed)
+    u = cache.features[cache.target_mask].to(torch.float64).mean(0)
+    u = u / u.norm().clamp_min(1e-30)
+    features = cache.features.to(torch.float64).clone()
+    planted = []
+    for name in sources:
+        rows = torch.nonzero(cache.train_mask & (cache.source_index == cache.source_id(name))).flatten()
+        pick = rows[torch.randperm(rows.numel(), generator=gen)[: max(1, round(fraction * rows.numel()))]]
+        features[pick] -= 2.0 * (features[pick] @ u)[:, None] * u
+        planted.append(pick)
+    picked = torch.sort(torch.cat(planted)).values
+    manifest = {
+        **cache.manifest,
+        "planted_harmful": {"sources": list(sources), "fraction": fraction, "seed": seed},
+    }
+    out = GradientCache(
+        features,
+        cache.outputs,
+        cache.example_ids,
+        cache.source_index,
+        cache.split,
+        cache.sources,
+        target_source=cache.target_source,
+        manifest=manifest,
+        representations=cache.representations,
+    )
+    return out, cache.example_ids[picked].clone()

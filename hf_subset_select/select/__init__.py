@@ -3,8 +3,8 @@
 :mod:`.selection` is the result type and its JSON format; :mod:`.base` the :class:`Selector` interface and the
 keep rule all selectors share; :mod:`.registry` selectors by name and :func:`select_sources`; :mod:`.first_order`
 our selectors (``random_ensemble``, ``linear``, ``forward``); :mod:`.baselines` the baselines they are compared
-with (``gradient_similarity``, ``representation_similarity``, ``random``). Importing it does not import
-transformers.
+with (``gradient_similarity``, ``representation_similarity``, ``random``); :mod:`.examples` per-example scores and
+selections; :mod:`.clusters` pseudo-sources clustered on the gradients. Importing it does not import transformers.
 """
 
 from .base import Selector, SelectorScores

@@ -46,12 +46,17 @@ def _require_target(cache: GradientCache) -> None:
         )
 
 
-def _mean_cosine_scores(values: torch.Tensor, cache: GradientCache, names: list[str]) -> torch.Tensor:
-    """Per source: mean over its training rows i and the target rows j of cos(v_i, v_j)."""
+def row_target_cosines(values: torch.Tensor, cache: GradientCache) -> torch.Tensor:
+    """Per cache row i: the mean over the target rows j of cos(v_i, v_j), float64 of shape (N,)."""
     v = values.to(torch.float64)
     unit = v / v.norm(dim=1, keepdim=True).clamp_min(1e-30)
     target_mean = unit[cache.target_mask].mean(0)
-    cos = unit @ target_mean  # mean_j cos(v_i, v_j) for every row i
+    return unit @ target_mean
+
+
+def _mean_cosine_scores(values: torch.Tensor, cache: GradientCache, names: list[str]) -> torch.Tensor:
+    """Per source: mean over its training rows i and the target rows j of cos(v_i, v_j)."""
+    cos = row_target_cosines(values, cache)
     out = torch.empty(len(names), dtype=torch.float64)
     for k, name in enumerate(names):
         rows = cache.train_mask & (cache.source_index == cache.source_id(name))

@@ -2,7 +2,9 @@
 format, and the score-to-weight rule every selector uses.
 
 A :class:`SourceSelection` prints as a table, saves to JSON tied to its cache, filters a tagged dataset to the
-kept sources and gives per-example sampling weights.
+kept sources and gives per-example sampling weights. A per-example selection
+(:func:`~hf_subset_select.select.examples.select_examples`) is the same type with an :class:`ExampleTable`
+(scores and weights keyed by ``example_id``) that decides for the rows it names.
 """
 
 from __future__ import annotations
@@ -16,20 +18,22 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..data.sources import SOURCE_COLUMN
+from ..data.sources import EXAMPLE_ID_COLUMN, SOURCE_COLUMN
 from ..io_utils import atomic_write_json, read_json
 from ..schema import SchemaError, anything, boolean, dict_of, integer, list_of, number, obj, optional, string
 
 __all__ = [
     "SourceSelection",
     "SelectionFileError",
+    "ExampleTable",
     "scores_to_weights",
     "cache_manifest",
     "SELECTION_FORMAT_VERSION",
 ]
 
 SELECTION_FORMAT = "hf_subset_select.source_selection"
-SELECTION_FORMAT_VERSION = 1
+SELECTION_FORMAT_VERSION = 1  # a source-level selection
+EXAMPLE_FORMAT_VERSION = 2  # with a per-example table: older releases must not read it as source-level
 
 
 class SelectionFileError(ValueError):
@@ -53,6 +57,14 @@ _SCHEMA = obj(
         "target_source": optional(string(nonempty=True)),
         "lower_is_better": boolean(),
         "info": obj({}, {"effects": dict_of(_SCORE)}),
+        "examples": obj(
+            {
+                "example_ids": list_of(integer(), unique=True),
+                "sources": list_of(string(nonempty=True)),
+                "scores": list_of(_SCORE),
+                "weights": list_of(number(0.0)),
+            }
+        ),
         "manifest": obj(
             {},
             {
@@ -105,6 +117,70 @@ def scores_to_weights(
 
 
 @dataclass
+class ExampleTable:
+    """Per-example scores and weights of a selection, keyed by ``example_id`` (parallel lists, one entry per row).
+
+    Attributes:
+        example_ids: the ``example_id`` of every scored training row (unique).
+        sources: each row's source.
+        scores: each row's score (direction: the selection's ``lower_is_better``).
+        weights: each row's weight: 0 drops it, kept rows average 1.
+    """
+
+    example_ids: list[int]
+    sources: list[str]
+    scores: list[float]
+    weights: list[float]
+
+    def __post_init__(self) -> None:
+        n = len(self.example_ids)
+        if not (len(self.sources) == len(self.scores) == len(self.weights) == n):
+            raise ValueError(
+                f"The example table's lists have different lengths (ids {n}, sources {len(self.sources)}, scores "
+                f"{len(self.scores)}, weights {len(self.weights)}); the file was edited or is corrupt. Re-run "
+                "select_examples."
+            )
+        if len(set(self.example_ids)) != n:
+            raise ValueError("The example table repeats an example_id; re-run select_examples on one cache.")
+        if any(not math.isfinite(w) or w < 0 for w in self.weights):
+            raise ValueError("Example weights must be finite and >= 0; re-run select_examples.")
+        self._map = dict(zip(self.example_ids, self.weights))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ExampleTable):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
+
+    @property
+    def kept_ids(self) -> list[int]:
+        """The ids of the rows with a positive weight."""
+        return [i for i, w in zip(self.example_ids, self.weights) if w > 0]
+
+    def weight_of(self, example_id: int) -> float | None:
+        """The row's weight, or None when the table does not name it."""
+        return self._map.get(int(example_id))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (parallel lists)."""
+        return {
+            "example_ids": [int(i) for i in self.example_ids],
+            "sources": list(self.sources),
+            "scores": [_json_float(float(v)) for v in self.scores],
+            "weights": [float(w) for w in self.weights],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ExampleTable:
+        """Read :meth:`to_dict`'s form."""
+        return cls(
+            example_ids=[int(i) for i in data["example_ids"]],
+            sources=[str(s) for s in data["sources"]],
+            scores=[math.nan if v is None else float(v) for v in data["scores"]],
+            weights=[float(w) for w in data["weights"]],
+        )
+
+
+@dataclass
 class SourceSelection:
     """Which sources to fine-tune on, with scores and sampling weights.
 
@@ -118,6 +194,8 @@ class SourceSelection:
         lower_is_better: direction of ``scores``.
         info: method details (λ, number of subsets, effects, greedy path, ...).
         manifest: ties the selection to its cache (fingerprint, sources, dim).
+        examples: per-example scores and weights (a per-example selection) or None. Rows it names get their own
+            weight; rows it does not name (the target's own source, rows the cache did not hold) their source's.
     """
 
     method: str
@@ -129,6 +207,7 @@ class SourceSelection:
     lower_is_better: bool = True
     info: dict[str, Any] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)
+    examples: ExampleTable | None = None
 
     # ------------------------------------------------------------------ views
     @property
@@ -173,15 +252,20 @@ class SourceSelection:
             lines.append(
                 f"{self.target_source:<{width}}  {'(target)':>10}  {'-':>10}  {'yes':>4}  {1.0:>7.3f}"
             )
+        if self.examples is not None:
+            lines.append(
+                f"per example: kept {len(self.examples.kept_ids)}/{len(self.examples.example_ids)} scored rows "
+                "(a source's score is its rows' mean; 'kept' = keeps some rows)"
+            )
         return "\n".join(lines)
 
     __str__ = __repr__
 
     # ------------------------------------------------------------------ disk
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "format": SELECTION_FORMAT,
-            "format_version": SELECTION_FORMAT_VERSION,
+            "format_version": SELECTION_FORMAT_VERSION if self.examples is None else EXAMPLE_FORMAT_VERSION,
             "package_version": __version__,
             "method": self.method,
             "sources": list(self.sources),
@@ -193,6 +277,9 @@ class SourceSelection:
             "info": _jsonable(self.info),
             "manifest": _jsonable(self.manifest),
         }
+        if self.examples is not None:
+            out["examples"] = self.examples.to_dict()
+        return out
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the selection as JSON (atomically)."""
@@ -222,10 +309,16 @@ class SourceSelection:
         if not isinstance(data, dict) or data.get("format") != SELECTION_FORMAT:
             raise SelectionFileError(f"{path!r} is not a hf_subset_select source selection.")
         version = data.get("format_version")
-        if version != SELECTION_FORMAT_VERSION or isinstance(version, bool):
+        if isinstance(version, bool) or version not in (SELECTION_FORMAT_VERSION, EXAMPLE_FORMAT_VERSION):
             raise SelectionFileError(
                 f"{path!r} has selection format version {version!r}, this release reads "
-                f"{SELECTION_FORMAT_VERSION}; re-run select_sources with this version."
+                f"{SELECTION_FORMAT_VERSION} and {EXAMPLE_FORMAT_VERSION}; re-run the selection with this version."
+            )
+        examples = data.get("examples")
+        if (examples is not None) != (version == EXAMPLE_FORMAT_VERSION):
+            raise SelectionFileError(
+                f"{path!r}: format version {version} does not match whether it has an example table; "
+                "the file was edited. Re-run the selection."
             )
         try:
             _SCHEMA(data, "")
@@ -243,8 +336,11 @@ class SourceSelection:
             lower_is_better=data.get("lower_is_better", True),
             info=data.get("info", {}),
             manifest=data.get("manifest", {}),
+            examples=None,
         )
         try:
+            if examples is not None:
+                sel.examples = ExampleTable.from_dict(examples)
             sel._check_consistent()
         except ValueError as exc:
             raise SelectionFileError(f"{path!r}: {exc}") from None
@@ -275,6 +371,14 @@ class SourceSelection:
             raise ValueError(
                 f"The cache lacks the selection's sources {missing}; it is not the cache this selection came from."
             )
+        if self.examples is not None:
+            have_ids = set(cache.example_ids[cache.train_mask].tolist())
+            absent = [i for i in self.examples.example_ids if i not in have_ids]
+            if absent:
+                raise ValueError(
+                    f"{len(absent)} example id(s) of the selection (e.g. {absent[:3]}) are not training rows of this "
+                    "cache; it is not the cache this selection came from. Re-run select_examples on it."
+                )
 
     # ------------------------------------------------------------------ datasets
     def _dataset_sources(self, dataset: Any) -> list[str]:
@@ -296,10 +400,36 @@ class SourceSelection:
         return present
 
     def apply(self, dataset: Any) -> Any:
-        """Filter a tagged ``datasets.Dataset`` to the selected sources plus the target's own source."""
+        """Filter a tagged ``datasets.Dataset`` to the selected sources plus the target's own source; with an
+        example table, to the rows with a positive :meth:`example_weight`."""
         self._dataset_sources(dataset)
+        if self.examples is not None:
+            self._require_ids(dataset)
+            return dataset.filter(
+                lambda batch: [
+                    self.example_weight(s, i) > 0
+                    for s, i in zip(batch[SOURCE_COLUMN], batch[EXAMPLE_ID_COLUMN])
+                ],
+                batched=True,
+            )
         keep = set(self.keep_sources())
         return dataset.filter(lambda batch: [s in keep for s in batch[SOURCE_COLUMN]], batched=True)
+
+    def _require_ids(self, dataset: Any) -> None:
+        if EXAMPLE_ID_COLUMN not in (getattr(dataset, "column_names", None) or []):
+            raise ValueError(
+                f"This per-example selection needs the dataset's {EXAMPLE_ID_COLUMN!r} column (from "
+                "hf_subset_select.tag_sources); keep it through preprocessing."
+            )
+
+    def example_weight(self, source: str, example_id: int | None = None) -> float:
+        """A row's weight: the example table's when it names ``example_id`` (and the row is not from the
+        target's own source), else its source's (:meth:`source_weight`)."""
+        if self.examples is not None and example_id is not None and source != self.target_source:
+            w = self.examples.weight_of(example_id)
+            if w is not None:
+                return w
+        return self.source_weight(source)
 
     def source_weight(self, source: str) -> float:
         if self.target_source is not None and source == self.target_source:
@@ -310,12 +440,18 @@ class SourceSelection:
             raise ValueError(f"Source {source!r} is not in this selection ({self.sources}).") from None
 
     def sampling_weights(self, dataset: Any) -> list[float]:
-        """One weight per example: its source's weight (0 for dropped sources, 1 for the target's own).
+        """One weight per example: its source's weight (0 for dropped sources, 1 for the target's own), or its own
+        weight for the rows the example table names.
 
         Use them with ``torch.utils.data.WeightedRandomSampler`` or as per-example loss weights; they are
         not divided by source sizes, so among kept sources the natural proportions are tilted by the scores.
         """
         self._dataset_sources(dataset)
+        if self.examples is not None:
+            self._require_ids(dataset)
+            return [
+                self.example_weight(s, i) for s, i in zip(dataset[SOURCE_COLUMN], dataset[EXAMPLE_ID_COLUMN])
+            ]
         table = {s: self.source_weight(s) for s in set(self.sources) | ({self.target_source} - {None})}
         return [table[s] for s in dataset[SOURCE_COLUMN]]
 

@@ -1,7 +1,8 @@
 """A data collator that filters or weights examples by their source, and the per-source weight table it reads from
 a selection.
 
-Three ways to use a :class:`~hf_subset_select.SourceSelection` in the target fine-tune (best first):
+Three ways to use a :class:`~hf_subset_select.SourceSelection` in the target fine-tune (best first); a
+per-example selection (one with an example table) works the same way, reading each example's ``example_id`` too:
 
 1. **Dataset level** -- ``selection.apply(train_dataset)`` before building the trainer. Batches keep their size,
    dropped examples are never loaded. This is the right tool for keep/drop decisions.
@@ -30,7 +31,7 @@ from typing import Any
 
 import torch
 
-from ..data.sources import BOOKKEEPING_COLUMNS, SOURCE_COLUMN
+from ..data.sources import BOOKKEEPING_COLUMNS, EXAMPLE_ID_COLUMN, SOURCE_COLUMN
 from ..data.trainers import FIX_COLUMNS, FIX_MERGED, BookkeepingColumnsError, strip_bookkeeping
 
 __all__ = [
@@ -135,7 +136,8 @@ def _mixture_factors(table: Mapping[str, float], source_counts: Mapping[str, int
 
 
 class SourceWeightPolicy:
-    """Maps a source name to a per-example weight, applying the unknown-source policy (warns once per source)."""
+    """Maps a source name (and, for a per-example selection, an ``example_id``) to a per-example weight, applying
+    the unknown-source policy (warns once per source)."""
 
     def __init__(
         self,
@@ -153,6 +155,21 @@ class SourceWeightPolicy:
         check_choice("unknown_sources", unknown_sources, _UNKNOWN)
         self._warn_unknown = unknown_sources == "keep"
         check_choice("source_weighting", source_weighting, SOURCE_WEIGHTING)
+        if isinstance(selection, (str, os.PathLike)):
+            from ..select.selection import SourceSelection
+
+            selection = SourceSelection.load(selection)
+        #: the per-example table of a per-example selection (rows it names get their own weight), else None
+        self.examples = getattr(selection, "examples", None)
+        if self.examples is not None and source_weighting == "mixture":
+            raise ValueError(
+                "source_weighting='mixture' sets source shares, but this selection weights single examples; use "
+                "source_weighting='per_example' with it."
+            )
+        target = getattr(selection, "target_source", None)
+        self._example_exempt = {str(s) for s in always_keep} | (
+            {str(target)} if target is not None else set()
+        )
         table = source_weight_table(selection)
         for name in always_keep:
             if table.get(name, 0.0) <= 0.0:
@@ -164,8 +181,18 @@ class SourceWeightPolicy:
         self.unknown_sources = unknown_sources
         self._warned: set[str] = set()
 
-    def weight(self, source: Any) -> float:
-        """Per-example weight of an example from ``source`` (``nan`` means: drop it as unknown)."""
+    @property
+    def needs_example_ids(self) -> bool:
+        """Whether weights depend on ``example_id`` (a per-example selection)."""
+        return self.examples is not None
+
+    def weight(self, source: Any, example_id: Any = None) -> float:
+        """Per-example weight of an example from ``source`` (``nan`` means: drop it as unknown); a per-example
+        selection decides for the ids it names (not for ``always_keep`` sources or the target's own)."""
+        if self.examples is not None and example_id is not None and str(source) not in self._example_exempt:
+            own = self.examples.weight_of(int(example_id))
+            if own is not None:
+                return own
         factor = self.factors.get(str(source))
         if factor is not None:
             return factor
@@ -288,9 +315,10 @@ class SubsetSelectingDataCollator:
         """Whether batches carry the weight tensor."""
         return self.mode == "weight" or self.on_empty == "zero_weight"
 
-    def example_weight(self, source: str) -> float:
-        """Weight that an example of ``source`` gets (0 if dropped)."""
-        w = self._policy.weight(source)
+    def example_weight(self, source: str, example_id: int | None = None) -> float:
+        """Weight that an example of ``source`` (with ``example_id``, for a per-example selection) gets (0 if
+        dropped)."""
+        w = self._policy.weight(source, example_id)
         return 0.0 if math.isnan(w) else w
 
     def __getattr__(self, name: str) -> Any:
@@ -316,7 +344,15 @@ class SubsetSelectingDataCollator:
                     f"trainer removed the column: {FIX_COLUMNS}. If packing merged examples: {FIX_MERGED}."
                 )
             sources.append(str(feature[SOURCE_COLUMN]))
-        weights = [self._policy.weight(s) for s in sources]
+        ids: list[Any] = [None] * len(features)
+        if self._policy.needs_example_ids:
+            if any(EXAMPLE_ID_COLUMN not in f for f in features):
+                raise BookkeepingColumnsError(
+                    f"A per-example selection needs the {EXAMPLE_ID_COLUMN!r} column of every example, and one "
+                    f"reached SubsetSelectingDataCollator without it: {FIX_COLUMNS}."
+                )
+            ids = [f[EXAMPLE_ID_COLUMN] for f in features]
+        weights = [self._policy.weight(s, i) for s, i in zip(sources, ids)]
         self.seen.update(sources)
         stripped = strip_bookkeeping(features)
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from transformers import Trainer
 from trl import SFTTrainer
 
-from ..data.sources import SOURCE_COLUMN
+from ..data.sources import EXAMPLE_ID_COLUMN, SOURCE_COLUMN
 from ..data.trainers import FIX_COLUMNS, BookkeepingColumnsError, SubsetSelectTrainerMixin, strip_bookkeeping
 from .collator import (
     EXAMPLE_WEIGHT_KEY,
@@ -64,7 +64,15 @@ def example_weights(
         )
     sources = [str(s) for s in dataset[SOURCE_COLUMN]]
     policy = SourceWeightPolicy(selection, unknown_sources, source_weighting, Counter(sources), always_keep)
-    values = [policy.weight(s) for s in sources]
+    ids: list[Any] = [None] * len(sources)
+    if policy.needs_example_ids:
+        if EXAMPLE_ID_COLUMN not in names:
+            raise BookkeepingColumnsError(
+                f"A per-example selection needs the {EXAMPLE_ID_COLUMN!r} column of the training dataset (it has "
+                f"{names}): {FIX_COLUMNS}."
+            )
+        ids = list(dataset[EXAMPLE_ID_COLUMN])
+    values = [policy.weight(s, i) for s, i in zip(sources, ids)]
     out = torch.tensor([0.0 if math.isnan(v) else v for v in values], dtype=torch.float64)
     if not bool((out > 0).any()):
         raise ValueError("No example of this dataset has a positive weight under the selection.")

@@ -1,0 +1,174 @@
+"""Pseudo-sources: cluster the training examples of an untagged or coarsely tagged pool by their projected
+gradients, so that the estimator and the selectors run on the clusters (docs/method.md, section 8c).
+
+* :func:`spherical_kmeans`: seeded spherical k-means (cosine) in torch, k-means++ start.
+* :func:`cluster_sources`: a new :class:`~hf_subset_select.GradientCache` whose clustered training rows carry
+  the cluster names (``cluster_00`` = the largest) and the mapping ``example_id -> cluster``; tag the dataset
+  with :func:`~hf_subset_select.data.sources.tag_clusters` so a selection on the clusters applies to it.
+* :func:`adjusted_rand_index`: agreement of two labelings (1 = identical up to names, about 0 = chance).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..collect.cache import GradientCache
+
+__all__ = ["spherical_kmeans", "cluster_sources", "adjusted_rand_index"]
+
+
+def spherical_kmeans(
+    x: torch.Tensor, k: int, *, seed: int = 0, iters: int = 100
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cluster the rows of ``x`` (N, d) by direction: returns (labels (N,) int64, unit centroids (k, d)).
+
+    k-means++ start on the cosine distance 1 − cos, then Lloyd steps (assign to the most similar centroid,
+    centroid = normalized mean) until no label changes or ``iters``; an emptied cluster restarts at the row
+    farthest from its centroid. Deterministic for a ``seed``.
+    """
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"x must be a non-empty (N, d) matrix, got shape {tuple(x.shape)}.")
+    n = x.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"k must lie in [1, {n}] (the number of rows to cluster), got {k}.")
+    unit = x.to(torch.float64)
+    unit = unit / unit.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    gen = torch.Generator().manual_seed(seed)
+    centers = [int(torch.randint(n, (1,), generator=gen))]
+    dist = 1.0 - unit @ unit[centers[0]]
+    for _ in range(1, k):
+        p = dist.clamp_min(0.0)
+        pick = int(torch.multinomial(p, 1, generator=gen)) if float(p.sum()) > 0 else int(torch.argmax(dist))
+        centers.append(pick)
+        dist = torch.minimum(dist, 1.0 - unit @ unit[pick])
+    cent = unit[centers].clone()
+    labels = torch.full((n,), -1, dtype=torch.int64)
+    for _ in range(iters):
+        sim = unit @ cent.T
+        new = sim.argmax(1)
+        if bool((new == labels).all()):
+            break
+        labels = new
+        sums = torch.zeros_like(cent).index_add_(0, labels, unit)
+        counts = torch.bincount(labels, minlength=k)
+        for j in (
+            torch.nonzero(counts == 0).flatten().tolist()
+        ):  # an emptied cluster: restart at the worst fit
+            fit = sim.gather(1, labels[:, None]).squeeze(1)
+            fit[counts[labels] <= 1] = float("inf")  # never empty another cluster
+            worst = int(torch.argmin(fit))
+            counts[labels[worst]] -= 1
+            sums[labels[worst]] -= unit[worst]
+            sums[j], labels[worst], counts[j] = unit[worst], j, 1
+        cent = sums / sums.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    return labels, cent.to(x.dtype if x.is_floating_point() else torch.float64)
+
+
+def cluster_sources(
+    cache: GradientCache,
+    k: int,
+    *,
+    sources: Sequence[str] | None = None,
+    seed: int = 0,
+    prefix: str = "cluster_",
+) -> tuple[GradientCache, dict[int, str]]:
+    """Replace the training sources ``sources`` of ``cache`` by ``k`` pseudo-sources clustered on their gradients.
+
+    Args:
+        cache: a :class:`~hf_subset_select.GradientCache`.
+        k: number of clusters.
+        sources: the training sources pooled and clustered (default: every training source except the target's
+            own, which stays as it is and is still always kept).
+        seed: seed of :func:`spherical_kmeans`.
+        prefix: cluster names are ``prefix`` + a two-digit index, largest cluster first.
+
+    Returns:
+        (the cluster cache: target rows and the other sources untouched, ``manifest["clusters"]`` records k, seed,
+        the clustered sources and the sizes; the mapping ``{example_id: cluster name}``).
+    """
+    pool = [s for s in cache.train_sources if s != cache.target_source] if sources is None else list(sources)
+    if not pool:
+        raise ValueError("No training sources to cluster; pass sources=[...] naming some of the cache's.")
+    ids = torch.tensor(
+        [cache.source_id(s) for s in pool], dtype=torch.int64
+    )  # unknown names raise, naming them
+    rows = torch.nonzero(cache.train_mask & torch.isin(cache.source_index, ids)).flatten()
+    labels, _ = spherical_kmeans(cache.features[rows], k, seed=seed)
+    sizes = torch.bincount(labels, minlength=k)
+    order = torch.argsort(-sizes, stable=True)  # cluster_00 = the largest
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(k)
+    labels = rank[labels]
+    names = [f"{prefix}{j:02d}" for j in range(k)]
+    still_used = set(torch.unique(cache.source_index[cache.target_mask]).tolist())
+    kept = [s for i, s in enumerate(cache.sources) if s not in pool or i in still_used]
+    clash = sorted(set(names) & set(kept))
+    if clash:
+        raise ValueError(
+            f"Cluster names {clash} are already source names of the cache; pass another prefix=."
+        )
+    new_sources = kept + names
+    lut = torch.tensor([new_sources.index(s) if s in kept else -1 for s in cache.sources], dtype=torch.int64)
+    source_index = lut[cache.source_index]
+    source_index[rows] = len(kept) + labels
+    mapping = {int(i): names[int(j)] for i, j in zip(cache.example_ids[rows].tolist(), labels.tolist())}
+    digest = hashlib.sha256(
+        f"{cache.fingerprint()}:{k}:{seed}:{sorted(mapping.items())}".encode()
+    ).hexdigest()
+    manifest = {
+        **{key: v for key, v in cache.manifest.items() if key not in ("counts", "sources", "num_examples")},
+        "fingerprint": digest[:16],
+        "clusters": {
+            "k": k,
+            "seed": seed,
+            "clustered_sources": pool,
+            "sizes": {names[j]: int(sizes[order[j]]) for j in range(k)},
+            "parent_fingerprint": cache.fingerprint(),
+        },
+    }
+    out = GradientCache(
+        cache.features,
+        cache.outputs,
+        cache.example_ids,
+        source_index,
+        cache.split,
+        new_sources,
+        target_source=cache.target_source,
+        manifest=manifest,
+        representations=cache.representations,
+        preconditioner=cache.preconditioner,
+    )
+    return out, mapping
+
+
+def adjusted_rand_index(a: Sequence[Any] | torch.Tensor, b: Sequence[Any] | torch.Tensor) -> float:
+    """Adjusted Rand index of two labelings of the same items (1: the same partition; about 0: chance)."""
+    la = list(a.tolist() if isinstance(a, torch.Tensor) else a)
+    lb = list(b.tolist() if isinstance(b, torch.Tensor) else b)
+    if len(la) != len(lb) or not la:
+        raise ValueError(f"Two non-empty labelings of equal length are needed, got {len(la)} and {len(lb)}.")
+
+    def codes(labels: list[Any]) -> torch.Tensor:
+        index = {v: i for i, v in enumerate(dict.fromkeys(labels))}
+        return torch.tensor([index[v] for v in labels], dtype=torch.int64)
+
+    ia, ib = codes(la), codes(lb)
+    table = torch.zeros(int(ia.max()) + 1, int(ib.max()) + 1, dtype=torch.float64)
+    table.index_put_((ia, ib), torch.ones(len(la), dtype=torch.float64), accumulate=True)
+
+    def pairs(t: torch.Tensor) -> float:
+        return float((t * (t - 1) / 2).sum())
+
+    index, rows, cols, total = (
+        pairs(table),
+        pairs(table.sum(1)),
+        pairs(table.sum(0)),
+        len(la) * (len(la) - 1) / 2,
+    )
+    expected = rows * cols / total if total else 0.0
+    top = (rows + cols) / 2
+    return 1.0 if top == expected else (index - expected) / (top - expected)

@@ -209,3 +209,24 @@ def test_generation_tasks_take_any_causal_lm(tmp_path: Any) -> None:
                     steps=1, lr=1e-3, batch_size=settings["batch_size"], seed=0)  # fmt: skip
         scored = task.score(model, task.rows(data.test))
         assert 0.0 <= scored["exact_match"] <= 1.0 and scored["completion_loss"] > 0 and scored["loss"] > 0
+
+
+def test_posthoc_variants_share_the_fine_tunes_of_the_same_subset() -> None:
+    """A variant selected after the run takes the seeds of the plain method that fine-tuned the same subset (never
+    of weight mode or another start), or is listed as not run."""
+    import suite
+
+    entry = {
+        "methods": {
+            "ours": {"sources": ["a", "b"], "per_seed": {"0": 0.5, "1": 0.6}},
+            "target_only": {"sources": [], "per_seed": {"0": 0.4, "1": 0.7}},
+            "ours_weighted": {"sources": ["a", "b"], "weights": {"a": 1.0}, "per_seed": {"0": 0.1, "1": 0.1}},
+            "ours@base": {"sources": ["c"], "start": "base", "per_seed": {"0": 0.2, "1": 0.2}},
+        },
+        "ours_vs": {},
+    }
+    suite.fill_variants(entry, {"confident": ["b", "a"], "careful": [], "other": ["c"]})
+    assert entry["methods"]["variant/confident"]["same_subset_as"] == "ours"
+    assert entry["methods"]["variant/careful"]["per_seed"] == {"0": 0.4, "1": 0.7}
+    assert entry["ours_vs"]["variant/careful"]["diff_mean"] == pytest.approx(0.0)
+    assert entry["variants_not_run"] == {"variant/other": ["c"]}  # only ours@base trained ["c"]: another start

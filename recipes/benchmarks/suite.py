@@ -72,6 +72,14 @@ def parse_args(argv: list[str] | None = None) -> Any:
     parser.add_argument("--fidelity-subsets", type=int, default=8)
     parser.add_argument("--ablation-seeds", type=int, default=3)
     parser.add_argument(
+        "--posthoc-variants",
+        default=None,
+        metavar="JSON",
+        help="with --merge: {task: {variant: [sources]}}, selections of variants computed afterwards from a task's "
+        "cache; a variant whose subset a method of that task already fine-tuned (from θ*, filter mode) takes those "
+        "fine-tunes, marked same_subset_as; the others are listed as not run",
+    )
+    parser.add_argument(
         "--merge",
         nargs="+",
         default=None,
@@ -292,7 +300,37 @@ def run_suite(chosen: dict[str, tuple[Task, dict[str, Any]]], args: Any, causal:
     return payload
 
 
-def merge(paths: list[str], output: str) -> dict[str, Any]:
+def fill_variants(entry: dict[str, Any], variants: dict[str, list[str]]) -> None:
+    """Add ``variant/<name>`` methods to a task entry from selections computed after its run: a variant whose
+    subset equals one a plain method fine-tuned (from θ*, filter mode) shares its seeds (``same_subset_as``); the
+    others go to ``variants_not_run``."""
+    from suite_runs import paired
+
+    plain = {
+        n: m
+        for n, m in entry["methods"].items()
+        if "@" not in n and "weights" not in m and n not in ("random", "ours_weighted") and "per_seed" in m
+    }
+    for variant, sources in variants.items():
+        key = f"variant/{variant}"
+        if key in entry["methods"]:
+            continue
+        same = [n for n, m in plain.items() if sorted(m["sources"]) == sorted(sources)]
+        if same:
+            entry["methods"][key] = {
+                **{k: v for k, v in entry["methods"][same[0]].items() if k not in ("scores", "l2")},
+                "sources": list(sources),
+                "same_subset_as": same[0],
+                "posthoc": True,
+            }
+            entry["ours_vs"][key] = paired(
+                entry["methods"]["ours"]["per_seed"], entry["methods"][key]["per_seed"]
+            )
+        else:
+            entry.setdefault("variants_not_run", {})[key] = list(sources)
+
+
+def merge(paths: list[str], output: str, posthoc: dict[str, Any] | None = None) -> dict[str, Any]:
     """One results file from several suite runs: their tasks (a task in two files is refused), each with its run's
     ``run`` entry (commit, settings, environment), and the summary over all; ``summary.frozen_commit`` is the
     commit they share, or None with ``summary.commits`` listing them when they differ."""
@@ -315,19 +353,34 @@ def merge(paths: list[str], output: str) -> dict[str, Any]:
                 "environment": result.get("environment"),
             }
             tasks[name] = {**entry, "run": run}
+    for name, variants in (posthoc or {}).items():
+        fill_variants(tasks[name], variants)
     commits = sorted({str(e["run"]["commit"]) for e in tasks.values()})
     dirty = any(e["run"]["environment"]["git"].get("dirty") for e in tasks.values())
     git = {"commit": commits[0] if len(commits) == 1 else None, "dirty": dirty}
     summary = summarize(tasks, sum(e.get("causal_lm", n.endswith("_gemma")) for n, e in tasks.items()), git)
     summary["commits"] = {n: e["run"]["commit"] for n, e in tasks.items()}
-    result = {"benchmark": "suite", "tasks": tasks, "summary": summary, "merged_from": paths, "complete": True}
+    result = {
+        "benchmark": "suite",
+        "tasks": tasks,
+        "summary": summary,
+        "merged_from": paths,
+        "posthoc_variants": posthoc,
+        "complete": True,
+    }
     return write_results(output, result)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.merge:
-        payload = merge(args.merge, args.output)
+        posthoc = None
+        if args.posthoc_variants:
+            import json
+
+            with open(args.posthoc_variants) as f:
+                posthoc = json.load(f)
+        payload = merge(args.merge, args.output, posthoc)
     else:
         limit_threads(args.threads, blas=True)
         names = parse_list(args.tasks)

@@ -99,6 +99,17 @@ def test_suite_end_to_end(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Non
     assert seen["collector"] and seen["methods"]
     assert not test_ids & seen["collector"] and not test_ids & seen["methods"]
     assert entry["split_check"]["test_rows_in_cache"] == 0
+    assert os.path.exists(os.path.join(entry["cache"]["path"], "manifest.json"))  # kept for suite_posthoc.py
+    import suite_posthoc
+
+    later = suite_posthoc.analyse("toy", entry["cache"]["path"], str(out))
+    assert set(later["variants"]) == set(suite_runs.VARIANTS)
+    for variant, sources in later["variants"].items():  # the same selections as the run made
+        assert sorted(sources) == sorted(entry["methods"][f"variant/{variant}"]["sources"])
+    single = later["single_source"]
+    assert set(single["measured_metric_change"]) == set(entry["ablations"]) and single["num_sources"] == len(
+        KEEP
+    )
     for name in (
         "ours",
         "ours_weighted",
@@ -229,4 +240,6 @@ def test_posthoc_variants_share_the_fine_tunes_of_the_same_subset() -> None:
     assert entry["methods"]["variant/confident"]["same_subset_as"] == "ours"
     assert entry["methods"]["variant/careful"]["per_seed"] == {"0": 0.4, "1": 0.7}
     assert entry["ours_vs"]["variant/careful"]["diff_mean"] == pytest.approx(0.0)
-    assert entry["variants_not_run"] == {"variant/other": ["c"]}  # only ours@base trained ["c"]: another start
+    assert entry["variants_not_run"] == {
+        "variant/other": ["c"]
+    }  # only ours@base trained ["c"]: another start

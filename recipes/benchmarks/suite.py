@@ -129,8 +129,9 @@ def make_task(name: str, args: Any) -> tuple[Task, dict[str, Any]]:
     return task, settings
 
 
-def collect(task: Task, data: Any, settings: dict[str, Any], seed: int) -> tuple[Any, Any, float]:
-    """θ* (the meta-trained model), the gradient cache (train + dev rows only) and the seconds they took."""
+def collect(task: Task, data: Any, settings: dict[str, Any], seed: int) -> tuple[Any, Any, float, str]:
+    """θ* (the meta-trained model), the gradient cache (train + dev rows only), the seconds they took and the
+    cache's directory (kept for later analyses, ``suite_posthoc.py``)."""
     from hf_subset_select import CollectConfig, GradientCollector
 
     work = tempfile.mkdtemp(prefix=f"suite-{task.name}-")
@@ -160,7 +161,7 @@ def collect(task: Task, data: Any, settings: dict[str, Any], seed: int) -> tuple
     model, seconds = meta_train(
         task.make_model(seed), targs, data.train, task.collate, [collector], train_dataset=trained_on
     )
-    return model, collector.cache, seconds
+    return model, collector.cache, seconds, os.path.join(work, "grad_cache")
 
 
 def run_task(
@@ -170,7 +171,7 @@ def run_task(
     test gain over target only divided by the oracle's (None when the oracle gains nothing)."""
     t_start = time.perf_counter()
     data = task.build(args.seed)
-    model, cache, meta_seconds = collect(task, data, settings, args.seed)
+    model, cache, meta_seconds, cache_dir = collect(task, data, settings, args.seed)
     theta_star = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     base_dev_loss = task.score(model, task.rows(data.dev))["loss"]
     del model
@@ -221,7 +222,7 @@ def run_task(
         "num_finetunes": tuner.count,
         "total": time.perf_counter() - t_start,
     }
-    entry["cache"] = {"dim": cache.dim, "num_examples": cache.num_examples}
+    entry["cache"] = {"dim": cache.dim, "num_examples": cache.num_examples, "path": cache_dir}
     return entry, (cache, data)
 
 

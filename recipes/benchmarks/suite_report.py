@@ -63,7 +63,11 @@ def methods_table(tasks: dict[str, Any]) -> str:
 
 def comparison_table(tasks: dict[str, Any]) -> str:
     """Ours minus each baseline, paired bootstrap 95% intervals (bold: above zero), and fidelity per task."""
-    head = "| task | " + " | ".join(f"ours − {b}" for b in BASELINES) + " | budget Spearman | error / no change |"
+    head = (
+        "| task | "
+        + " | ".join(f"ours − {b}" for b in BASELINES)
+        + " | budget Spearman | error / no change |"
+    )
     lines = [head, "|---|" + "---|" * (len(BASELINES) + 2)]
     for name, e in tasks.items():
         diffs = [_diff(e["ours_vs"].get(b)) for b in BASELINES]
@@ -112,7 +116,12 @@ def report(result: dict[str, Any]) -> str:
     """All the tables of one suite result."""
     tasks = result["tasks"]
     return "\n\n".join(
-        [methods_table(tasks), comparison_table(tasks), selections_table(tasks), summary_lines(result["summary"])]
+        [
+            methods_table(tasks),
+            comparison_table(tasks),
+            selections_table(tasks),
+            summary_lines(result["summary"]),
+        ]
     )
 
 

@@ -167,7 +167,10 @@ def select_methods(
     }
     for draw in range(random_draws):
         methods[f"random/{draw}"] = {"sources": list(random_baseline(cache, k, draw).selected)}
-    for variant, fields in VARIANTS.items():  # our other selectors and keep rules, reported beside the default
+    for (
+        variant,
+        fields,
+    ) in VARIANTS.items():  # our other selectors and keep rules, reported beside the default
         picked = select_sources(est, config=SelectConfig(**fields))
         methods[f"variant/{variant}"] = {"sources": list(picked.selected)}
     return methods, ours_seconds

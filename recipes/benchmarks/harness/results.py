@@ -34,7 +34,9 @@ def git_commit(root: str = REPO_ROOT) -> dict[str, Any]:
     return {"commit": head, "dirty": bool(dirty)}
 
 
-STARTED_AT = git_commit()  # read when the benchmark starts, so edits made while it runs are not credited to it
+STARTED_AT = (
+    git_commit()
+)  # read when the benchmark starts, so edits made while it runs are not credited to it
 
 
 def library_versions() -> dict[str, str | None]:

@@ -575,7 +575,7 @@ class SelectConfig(ConfigMixin):
             "(ensemble: its effect; forward: each step of the greedy path) only if its estimated improvement of "
             "the target loss exceeds this many standard errors over the target rows, so that a gain carried by "
             "a few rows is not taken for one that holds on new rows; with no such source the selection is the "
-            "target's data alone. None: keep every estimated improvement. 1.64 is a one-sided 95% test."
+            "target's data alone. None: keep every estimated improvement. 1.64: a one-sided test at the 0.95 level."
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed for the random subsets."})

@@ -73,7 +73,7 @@ class TargetArguments:
         metadata={
             "help": "Start from θ* (the meta_init/ folder written by sft_meta_init.py) instead of the base model "
             "with a fresh adapter. Recommended: the estimates that made the selection stand for a fine-tune "
-            "from θ*, and on the benchmark suite this start scored as well or better."
+            "from θ*, and on the benchmark suite this start scored higher on three of four tasks."
         },
     )
     metrics_file: str | None = field(

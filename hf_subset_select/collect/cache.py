@@ -187,20 +187,36 @@ class GradientCache:
             }
         return out
 
+    def replace(self, **changes: Any) -> GradientCache:
+        """A new cache with the given constructor fields changed (``features=``, ``manifest=``, ...), the rest
+        shared with this one."""
+        fields = {
+            "features": self.features,
+            "outputs": self.outputs,
+            "example_ids": self.example_ids,
+            "source_index": self.source_index,
+            "split": self.split,
+            "sources": self.sources,
+            "target_source": self.target_source,
+            "manifest": self.manifest,
+            "representations": self.representations,
+            "preconditioner": self.preconditioner,
+        }
+        unknown = sorted(set(changes) - set(fields))
+        if unknown:
+            raise TypeError(f"GradientCache.replace got unknown field(s) {unknown}; valid: {sorted(fields)}.")
+        return GradientCache(**{**fields, **changes})
+
     def take(self, rows: torch.Tensor) -> GradientCache:
         """A new cache with the given rows (a boolean mask or an index tensor), in that order."""
         rows = torch.as_tensor(rows)
-        return GradientCache(
-            self.features[rows],
-            self.outputs[rows],
-            self.example_ids[rows],
-            self.source_index[rows],
-            self.split[rows],
-            self.sources,
-            target_source=self.target_source,
-            manifest=self.manifest,
+        return self.replace(
+            features=self.features[rows],
+            outputs=self.outputs[rows],
+            example_ids=self.example_ids[rows],
+            source_index=self.source_index[rows],
+            split=self.split[rows],
             representations=None if self.representations is None else self.representations[rows],
-            preconditioner=self.preconditioner,
         )
 
     def sort_by_id(self) -> GradientCache:

@@ -191,15 +191,5 @@ def plant_harmful_examples(
         **cache.manifest,
         "planted_harmful": {"sources": list(sources), "fraction": fraction, "seed": seed},
     }
-    out = GradientCache(
-        features,
-        cache.outputs,
-        cache.example_ids,
-        cache.source_index,
-        cache.split,
-        cache.sources,
-        target_source=cache.target_source,
-        manifest=manifest,
-        representations=cache.representations,
-    )
+    out = cache.replace(features=features, manifest=manifest, preconditioner=None)
     return out, cache.example_ids[picked].clone()

@@ -130,19 +130,7 @@ def cluster_sources(
             "parent_fingerprint": cache.fingerprint(),
         },
     }
-    out = GradientCache(
-        cache.features,
-        cache.outputs,
-        cache.example_ids,
-        source_index,
-        cache.split,
-        new_sources,
-        target_source=cache.target_source,
-        manifest=manifest,
-        representations=cache.representations,
-        preconditioner=cache.preconditioner,
-    )
-    return out, mapping
+    return cache.replace(source_index=source_index, sources=new_sources, manifest=manifest), mapping
 
 
 def adjusted_rand_index(a: Sequence[Any] | torch.Tensor, b: Sequence[Any] | torch.Tensor) -> float:

@@ -105,7 +105,6 @@ def project_cache(cache: Any, dim: int, shapes: list[tuple[str, tuple[int, ...]]
     Projecting is linear, so this equals collecting at that ``dim``; the feature scale of a preconditioned cache is
     kept (the forward check lifts steps by it). ``shapes`` names the trainable parameters in order.
     """
-    from hf_subset_select import GradientCache
     from hf_subset_select.collect.projection import make_projector
 
     proj = make_projector("auto", dim, 0, shapes)
@@ -114,17 +113,7 @@ def project_cache(cache: Any, dim: int, shapes: list[tuple[str, tuple[int, ...]]
     )
     manifest = {**cache.manifest, "projection": proj.manifest()}
     manifest.pop("fingerprint", None)
-    return GradientCache(
-        feats,
-        cache.outputs,
-        cache.example_ids,
-        cache.source_index,
-        cache.split,
-        cache.sources,
-        target_source=cache.target_source,
-        manifest=manifest,
-        preconditioner=cache.preconditioner,
-    )
+    return cache.replace(features=feats, manifest=manifest, representations=None)
 
 
 def caches_by_dim(

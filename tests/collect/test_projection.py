@@ -134,7 +134,9 @@ def test_same_seed_same_projection_in_another_process():
     for kind in ("rademacher", "gaussian", "sparse"):
         here = make_projector(kind, 48, 7, SHAPES, chunk_size=1 << 16).project_flat(x)
         there = np.frombuffer(bytes.fromhex(lines[kind]), dtype=np.float32).reshape(1, -1)
-        np.testing.assert_allclose(there, here.numpy(), rtol=1e-6, atol=1e-7)
+        # the child streams the map in chunks of 11 parameters, this process in one chunk: the same map, float32 sums
+        # in another order (a few 1e-7 of the outputs' scale); another seed or map would differ by O(1)
+        np.testing.assert_allclose(there, here.numpy(), rtol=1e-5, atol=2e-6)
 
 
 def test_projector_from_manifest_regenerates_the_map_or_refuses():

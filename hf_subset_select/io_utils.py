@@ -9,6 +9,8 @@ import tempfile
 from collections.abc import Iterable
 from typing import Any
 
+from .faults import kill_point
+
 __all__ = [
     "atomic_write_text",
     "atomic_write_json",
@@ -30,6 +32,7 @@ def _atomic_replace(path: str, write: Any) -> None:
         write(tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        kill_point("replace", os.path.basename(path))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

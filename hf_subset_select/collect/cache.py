@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..faults import kill_point
 from ..io_utils import atomic_save_file, atomic_write_json, file_problem, file_record, read_json
 from ..schema import SchemaError
 from .cache_manifest import DATA_NAME, PRECONDITIONER_NAME, check_cache_manifest
@@ -283,6 +284,7 @@ class GradientCache:
             tensors["representations"] = self.representations
         data_path = os.path.join(path, DATA_NAME)
         atomic_save_file(tensors, data_path)
+        kill_point("cache_data_written")
         files = {DATA_NAME: file_record(data_path)}
         pre_path = os.path.join(path, PRECONDITIONER_NAME)
         if self.preconditioner is not None:

@@ -43,6 +43,7 @@ _EXPORTS: dict[str, str] = {
     "GradientCollector": "collect.collector",
     "GradientCache": "collect.cache",
     "GradientCacheError": "collect.cache",
+    "StorageWriteError": "io_utils",
     # 3. estimate
     "FirstOrderEstimator": "estimate.estimator",
     "calibrate": "estimate.validation",
@@ -86,6 +87,7 @@ if TYPE_CHECKING:  # pragma: no cover - static re-exports for type checkers and 
         SubsetSelectTrainerMixin,
     )
     from .estimate.estimator import FirstOrderEstimator
+    from .io_utils import StorageWriteError
     from .estimate.validation import calibrate, forward_check
     from .select.registry import select_sources
     from .select.selection import SourceSelection

@@ -87,8 +87,8 @@ if TYPE_CHECKING:  # pragma: no cover - static re-exports for type checkers and 
         SubsetSelectTrainerMixin,
     )
     from .estimate.estimator import FirstOrderEstimator
-    from .io_utils import StorageWriteError
     from .estimate.validation import calibrate, forward_check
+    from .io_utils import StorageWriteError
     from .select.registry import select_sources
     from .select.selection import SourceSelection
     from .train.collator import SubsetSelectingDataCollator

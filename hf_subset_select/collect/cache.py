@@ -141,9 +141,11 @@ class GradientCache:
             )
         bad = ~torch.isfinite(self.features).all(dim=1) | ~torch.isfinite(self.outputs)
         if bool(bad.any()):
-            rows = torch.nonzero(bad).flatten()[:5].tolist()
+            rows = torch.nonzero(bad).flatten()[:5]
+            ids = self.example_ids[rows].tolist()
             raise GradientCacheError(
-                f"The cache holds NaN/inf in {int(bad.sum())} row(s) (e.g. rows {rows}). Re-collect with a "
+                f"The cache holds NaN/inf in {int(bad.sum())} row(s) (e.g. rows {rows.tolist()}, example_ids {ids}). "
+                "Re-collect with a "
                 "smaller learning rate for θ* or a larger prob_clamp, or drop those rows with cache.take(mask)."
             )
 

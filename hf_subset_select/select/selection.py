@@ -25,6 +25,7 @@ from ..schema import SchemaError, anything, boolean, dict_of, integer, list_of, 
 __all__ = [
     "SourceSelection",
     "SelectionFileError",
+    "SelectionMismatchError",
     "ExampleTable",
     "scores_to_weights",
     "cache_manifest",
@@ -38,6 +39,10 @@ EXAMPLE_FORMAT_VERSION = 2  # with a per-example table: older releases must not 
 
 class SelectionFileError(ValueError):
     """A selection JSON that is missing, malformed or inconsistent (:meth:`SourceSelection.load`)."""
+
+
+class SelectionMismatchError(ValueError):
+    """A selection used with a cache (or estimator) it was not computed from."""
 
 
 class _SelectionNotFound(SelectionFileError, FileNotFoundError):
@@ -293,7 +298,8 @@ class SourceSelection:
             SelectionFileError: the file is missing (then also a ``FileNotFoundError``), not JSON, not a selection,
                 of another format version, or a key has the wrong type or disagrees with the others (the message
                 names it).
-            ValueError: with ``cache``, the selection was not computed from that cache (:meth:`check_cache`).
+            SelectionMismatchError: with ``cache``, the selection was not computed from that cache
+                (:meth:`check_cache`).
         """
         path = os.fspath(path)
         if not os.path.isfile(path):
@@ -357,25 +363,25 @@ class SourceSelection:
             )
 
     def check_cache(self, cache: Any) -> None:
-        """Raise ValueError if this selection was not computed from ``cache`` (fingerprint and sources)."""
+        """Raise :class:`SelectionMismatchError` if this selection was not computed from ``cache`` (fingerprint and sources)."""
         cache = getattr(cache, "cache", cache)  # accept an estimator
         want = self.manifest.get("cache_fingerprint")
         have = cache.fingerprint()
         if want is not None and want != have:
-            raise ValueError(
+            raise SelectionMismatchError(
                 f"This selection was computed from cache {want}, not from this cache ({have}). Re-run "
                 "select_sources on this cache, or load the selection without cache= to skip the check."
             )
         missing = [s for s in self.sources if s not in cache.sources]
         if missing:
-            raise ValueError(
+            raise SelectionMismatchError(
                 f"The cache lacks the selection's sources {missing}; it is not the cache this selection came from."
             )
         if self.examples is not None:
             have_ids = set(cache.example_ids[cache.train_mask].tolist())
             absent = [i for i in self.examples.example_ids if i not in have_ids]
             if absent:
-                raise ValueError(
+                raise SelectionMismatchError(
                     f"{len(absent)} example id(s) of the selection (e.g. {absent[:3]}) are not training rows of this "
                     "cache; it is not the cache this selection came from. Re-run select_examples on it."
                 )

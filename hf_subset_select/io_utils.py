@@ -20,6 +20,7 @@ __all__ = [
     "read_json",
     "fingerprint_tensors",
     "file_sha256",
+    "json_sha256",
     "file_record",
     "file_problem",
 ]
@@ -108,6 +109,18 @@ def read_json(path: str | os.PathLike) -> Any:
             return json.load(handle)
         except RecursionError:
             raise ValueError("the JSON is nested too deeply") from None
+
+
+def json_sha256(data: Any, *, without: str | None = None) -> str:
+    """SHA-256 of ``data``'s canonical JSON (sorted keys, no spaces), leaving the top-level key ``without`` out.
+
+    The same value gives the same digest after a write and a read back, so a JSON file can carry its own checksum
+    (detecting edits and damage that still parse, not deliberate tampering: whoever edits can recompute it).
+    """
+    if without is not None and isinstance(data, dict):
+        data = {k: v for k, v in data.items() if k != without}
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def file_sha256(path: str | os.PathLike) -> str:

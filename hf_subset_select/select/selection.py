@@ -19,7 +19,7 @@ import torch
 
 from .. import __version__
 from ..data.sources import EXAMPLE_ID_COLUMN, SOURCE_COLUMN
-from ..io_utils import atomic_write_json, read_json
+from ..io_utils import atomic_write_json, json_sha256, read_json
 from ..schema import SchemaError, anything, boolean, dict_of, integer, list_of, number, obj, optional, string
 
 __all__ = [
@@ -287,8 +287,10 @@ class SourceSelection:
         return out
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the selection as JSON (atomically)."""
-        atomic_write_json(os.fspath(path), self.to_dict())
+        """Write the selection as JSON (atomically), with the SHA-256 of its content (``content_sha256``)."""
+        data = self.to_dict()
+        data["content_sha256"] = json_sha256(data)
+        atomic_write_json(os.fspath(path), data)
 
     @classmethod
     def load(cls, path: str | os.PathLike, cache: Any | None = None) -> SourceSelection:
@@ -350,6 +352,13 @@ class SourceSelection:
             sel._check_consistent()
         except ValueError as exc:
             raise SelectionFileError(f"{path!r}: {exc}") from None
+        # after the key checks (which name the wrong key): an edit that left every key legal is caught here
+        recorded = data.get("content_sha256")
+        if recorded is not None and recorded != json_sha256(data, without="content_sha256"):
+            raise SelectionFileError(
+                f"{path!r} was edited or damaged after it was saved (its content no longer matches its "
+                "content_sha256). Restore it from a copy, or re-run select_sources and save it."
+            )
         if cache is not None:
             sel.check_cache(cache)
         return sel

@@ -28,9 +28,17 @@ from hf_subset_select.demo.toy import (
     perturb_lora,
     toy_text_dataset,
 )
-from hf_subset_select.io_utils import file_sha256
+from hf_subset_select.io_utils import fingerprint_tensors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _data_digest(path) -> str:
+    """SHA-256 of every tensor of a cache's data file (names, shapes, dtypes, bytes); its metadata (the manifest's
+    SHA-256, which covers this run's timings) left out."""
+    from safetensors.torch import load_file
+
+    return fingerprint_tensors(sorted(load_file(path).items()))
 
 
 def _data():
@@ -56,7 +64,7 @@ def _disk_full() -> OSError:
 @pytest.fixture
 def reference(tmp_path):
     cache = _collect(tmp_path / "ref")
-    return cache, file_sha256(tmp_path / "ref" / "cache.safetensors")
+    return cache, _data_digest(tmp_path / "ref" / "cache.safetensors")
 
 
 def _no_temp_files(root) -> bool:
@@ -95,7 +103,7 @@ def test_disk_full_during_a_shard_write_stops_with_the_path_and_resumes(tmp_path
     monkeypatch.setattr(safetensors.torch, "save_file", real)  # space is back
     cache = _collect(out)
     ref_cache, ref_sha = reference
-    assert file_sha256(out / "cache.safetensors") == ref_sha
+    assert _data_digest(out / "cache.safetensors") == ref_sha
     assert torch.equal(cache.features, ref_cache.features)
     assert _no_temp_files(out) and not shards.exists()
     assert cache.manifest["collection_stats"]["examples_reused_from_shards"] == 16
@@ -122,7 +130,7 @@ def test_disk_full_during_the_manifest_write_keeps_every_shard(tmp_path, monkeyp
     monkeypatch.setattr(io_utils, "_write_text", real)
     cache = _collect(out)
     assert cache.manifest["collection_stats"]["examples_computed_main_process"] == 0  # merged from the shards
-    assert file_sha256(out / "cache.safetensors") == reference[1]
+    assert _data_digest(out / "cache.safetensors") == reference[1]
 
 
 def test_a_failed_write_leaves_the_previous_file_untouched(tmp_path, monkeypatch):

@@ -33,7 +33,14 @@ from ..config import MetaInitConfig
 from ..data.sources import SOURCE_COLUMN, source_counts, target_of
 from ..data.trainers import BookkeepingColumnsError, check_bookkeeping
 from ..faults import kill_point
-from ..io_utils import atomic_write_json, file_problem, file_record, fingerprint_tensors, read_json
+from ..io_utils import (
+    atomic_write_json,
+    file_problem,
+    file_record,
+    fingerprint_tensors,
+    json_sha256,
+    read_json,
+)
 from ..schema import (
     SchemaError,
     dict_of,
@@ -190,6 +197,7 @@ def _save_dir(save: Any, final_dir: str, manifest: dict[str, Any]) -> None:
         for moved, name in enumerate(sorted(os.listdir(tmp)), start=1):
             os.replace(os.path.join(tmp, name), os.path.join(final_dir, name))
             kill_point("meta_init_moved", moved)
+        manifest["manifest_sha256"] = json_sha256(manifest, without="manifest_sha256")
         atomic_write_json(manifest_path, manifest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -374,6 +382,12 @@ def read_meta_init_manifest(path: str | os.PathLike) -> dict[str, Any]:
         raise MetaInitManifestError(
             f"{mpath!r} is malformed: {exc}. It was edited or damaged; restore it from a copy, or {_REDO}."
         ) from None
+    recorded = manifest.get("manifest_sha256")  # absent in manifests saved before it was recorded
+    if recorded is not None and recorded != json_sha256(manifest, without="manifest_sha256"):
+        raise MetaInitManifestError(
+            f"{mpath!r} was edited or damaged after it was saved (its content no longer matches its "
+            f"manifest_sha256); restore it from a copy, or {_REDO}."
+        )
     return manifest
 
 

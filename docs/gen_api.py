@@ -21,7 +21,7 @@ GROUPS = [
     ),
     (
         "1-2. Meta initialization θ* and the gradient cache",
-        ["MetaInitCallback", "load_meta_init", "GradientCollector", "GradientCache", "GradientCacheError"],
+        ["MetaInitCallback", "load_meta_init", "GradientCollector", "GradientCache", "GradientCacheError", "StorageWriteError"],
     ),
     ("3. Estimation", ["FirstOrderEstimator", "calibrate", "forward_check"]),
     ("4. Selection", ["select_sources", "SourceSelection"]),

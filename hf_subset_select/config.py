@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 import types
 import typing
@@ -57,7 +58,9 @@ class ConfigMixin:
         return {k: v for k, v in self.to_dict().items() if k not in self.runtime_fields}
 
     def _check_choices(self) -> None:
-        """Raise a ValueError naming the valid values for every ``Literal`` field whose value is not one of them."""
+        """Raise :class:`ConfigError` for a field whose value has the wrong type, then for every ``Literal`` field
+        whose value is not one of its valid values (naming them)."""
+        _check_types(type(self), {f.name: getattr(self, f.name) for f in dataclasses.fields(self)})  # type: ignore[arg-type]
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             choices = f.metadata.get("choices")
             if choices is not None:
@@ -145,7 +148,7 @@ def _matches(value: Any, tp: Any) -> bool:
     if origin in (typing.Union, types.UnionType):
         return any(_matches(value, a) for a in typing.get_args(tp))
     if origin is Literal:  # the type only: __post_init__ checks the value (registered extensions included)
-        return any(type(value) is type(c) for c in typing.get_args(tp))
+        return any(isinstance(value, type(c)) and not isinstance(value, bool) for c in typing.get_args(tp))
     if origin in (list, tuple):
         return isinstance(value, (list, tuple)) and all(_matches(v, typing.get_args(tp)[0]) for v in value)
     if tp is type(None):
@@ -153,9 +156,9 @@ def _matches(value: Any, tp: Any) -> bool:
     if tp is bool:
         return isinstance(value, bool)
     if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
     if tp is str:
         return isinstance(value, str)
     return True  # Any or an annotation this checker does not know
@@ -246,6 +249,7 @@ class MetaInitConfig(ConfigMixin):
     )
 
     def __post_init__(self) -> None:
+        self._check_choices()
         if any((not isinstance(s, int)) or s <= 0 for s in self.save_steps):
             raise ConfigError(f"save_steps must be positive integers, got {self.save_steps!r}.")
 

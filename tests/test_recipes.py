@@ -261,7 +261,7 @@ def test_fsdp_sharded_parameters_refused_by_collector(tmp_path, torchrun):
 BENCHMARKS = os.path.join(RECIPES, "benchmarks")
 BENCHMARK_SCRIPTS = [
     "fidelity.py", "fidelity_pretrained.py", "suite.py", "roles.py", "estimate_speed.py",
-    "collect_throughput.py", "weighted_loss_overhead.py", "granularity.py",
+    "collect_throughput.py", "weighted_loss_overhead.py", "granularity.py", "reliability.py",
 ]  # fmt: skip
 
 

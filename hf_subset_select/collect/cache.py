@@ -25,7 +25,15 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..io_utils import atomic_save_file, atomic_write_json, file_problem, file_record, read_json
+from ..faults import kill_point
+from ..io_utils import (
+    atomic_save_file,
+    atomic_write_json,
+    file_problem,
+    file_record,
+    json_sha256,
+    read_json,
+)
 from ..schema import SchemaError
 from .cache_manifest import DATA_NAME, PRECONDITIONER_NAME, check_cache_manifest
 from .precondition import check_preconditioner, preconditioner_sha256
@@ -46,6 +54,9 @@ CACHE_FORMAT_VERSION = 1
 SPLIT_TRAIN = 0
 SPLIT_TARGET = 1
 MANIFEST_NAME = "manifest.json"
+MANIFEST_SHA256_KEY = (
+    "manifest_sha256"  # in cache.safetensors' metadata: the manifest's SHA-256 (json_sha256)
+)
 CACHE_COLUMNS = ("features", "outputs", "example_ids", "source_index", "split")
 
 
@@ -140,9 +151,11 @@ class GradientCache:
             )
         bad = ~torch.isfinite(self.features).all(dim=1) | ~torch.isfinite(self.outputs)
         if bool(bad.any()):
-            rows = torch.nonzero(bad).flatten()[:5].tolist()
+            rows = torch.nonzero(bad).flatten()[:5]
+            ids = self.example_ids[rows].tolist()
             raise GradientCacheError(
-                f"The cache holds NaN/inf in {int(bad.sum())} row(s) (e.g. rows {rows}). Re-collect with a "
+                f"The cache holds NaN/inf in {int(bad.sum())} row(s) (e.g. rows {rows.tolist()}, example_ids {ids}). "
+                "Re-collect with a "
                 "smaller learning rate for θ* or a larger prob_clamp, or drop those rows with cache.take(mask)."
             )
 
@@ -281,16 +294,7 @@ class GradientCache:
         }
         if self.representations is not None:
             tensors["representations"] = self.representations
-        data_path = os.path.join(path, DATA_NAME)
-        atomic_save_file(tensors, data_path)
-        files = {DATA_NAME: file_record(data_path)}
-        pre_path = os.path.join(path, PRECONDITIONER_NAME)
-        if self.preconditioner is not None:
-            atomic_save_file(dict(self.preconditioner), pre_path)
-            files[PRECONDITIONER_NAME] = file_record(pre_path)
-        elif os.path.exists(pre_path):  # a stale file from an earlier cache in this directory
-            os.remove(pre_path)
-        manifest = dict(self.manifest)
+        manifest = {k: v for k, v in self.manifest.items() if k != "files"}
         manifest["precondition"] = self.precondition_info()
         manifest.update(
             {
@@ -303,10 +307,22 @@ class GradientCache:
                 "dim": self.dim,
                 "counts": self.counts(),
                 "has_representations": self.representations is not None,
-                "files": files,
             }
         )
         manifest.setdefault("fingerprint", self._content_fingerprint())
+        # The data file carries the SHA-256 of the manifest (all but its `files`), the manifest the SHA-256 of the
+        # data file: an edit anywhere in either is caught on load.
+        data_path = os.path.join(path, DATA_NAME)
+        atomic_save_file(tensors, data_path, metadata={MANIFEST_SHA256_KEY: json_sha256(manifest)})
+        kill_point("cache_data_written")
+        files = {DATA_NAME: file_record(data_path)}
+        pre_path = os.path.join(path, PRECONDITIONER_NAME)
+        if self.preconditioner is not None:
+            atomic_save_file(dict(self.preconditioner), pre_path)
+            files[PRECONDITIONER_NAME] = file_record(pre_path)
+        elif os.path.exists(pre_path):  # a stale file from an earlier cache in this directory
+            os.remove(pre_path)
+        manifest["files"] = files
         self.manifest = manifest
         atomic_write_json(os.path.join(path, MANIFEST_NAME), manifest)
 
@@ -320,6 +336,7 @@ class GradientCache:
             GradientCacheError: the directory is not a complete cache, its manifest is malformed or from an older
                 release, or a file is missing, truncated or altered (the message names it and the fix).
         """
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         path = os.fspath(path)
@@ -336,8 +353,15 @@ class GradientCache:
         _verify_files(path, manifest["files"])
         try:
             t = load_file(dpath)
+            with safe_open(dpath, framework="pt") as handle:
+                recorded = (handle.metadata() or {}).get(MANIFEST_SHA256_KEY)
         except Exception as exc:  # safetensors raises its own error types for corrupt files
             raise GradientCacheError(f"{dpath!r} is unreadable ({exc}); re-collect the cache.") from exc
+        if recorded is not None and recorded != json_sha256(manifest, without="files"):
+            raise GradientCacheError(
+                f"{mpath!r} was edited or damaged: its content does not match the SHA-256 that {DATA_NAME} records "
+                f"for it. Restore the manifest from where the cache was copied, or {_FIX}."
+            )
         missing = [k for k in CACHE_COLUMNS if k not in t]
         if missing:
             raise GradientCacheError(f"{dpath!r} lacks {missing}; re-collect the cache.")

@@ -35,6 +35,7 @@ from transformers import TrainerCallback
 from .. import __version__
 from ..config import CollectConfig
 from ..data.sources import target_of
+from ..faults import kill_point
 from ..io_utils import fingerprint_tensors, read_json
 from .cache import GradientCache
 from .distributed import DistState, dist_state
@@ -325,10 +326,12 @@ class GradientCollector(TrainerCallback):
                 t0 = time.perf_counter()
                 tensors = engine.compute([source.encode(r.split, r.row) for r in rows], bar)
                 compute_s += time.perf_counter() - t0
+                kill_point("shard_computed", index)
                 tensors["example_ids"] = torch.tensor([r.example_id for r in rows], dtype=torch.int64)
                 tensors["source_index"] = torch.tensor([r.source_index for r in rows], dtype=torch.int64)
                 tensors["split"] = torch.tensor([r.split for r in rows], dtype=torch.int8)
                 store.write_shard(index, tensors)
+                kill_point("shard_written", index)
         bar.close()
         return compute_s
 

@@ -32,7 +32,15 @@ from .. import __version__
 from ..config import MetaInitConfig
 from ..data.sources import SOURCE_COLUMN, source_counts, target_of
 from ..data.trainers import BookkeepingColumnsError, check_bookkeeping
-from ..io_utils import atomic_write_json, file_problem, file_record, fingerprint_tensors, read_json
+from ..faults import kill_point
+from ..io_utils import (
+    atomic_write_json,
+    file_problem,
+    file_record,
+    fingerprint_tensors,
+    json_sha256,
+    read_json,
+)
 from ..schema import (
     SchemaError,
     dict_of,
@@ -165,13 +173,19 @@ def _save_dir(save: Any, final_dir: str, manifest: dict[str, Any]) -> None:
 
     The old manifest is removed first, so a crash half-way leaves a directory that loaders refuse (no
     manifest) rather than a mix of old and new files that looks complete. Snapshot sub-directories
-    (``step-N``, ``epoch-N``) inside ``final_dir`` are kept.
+    (``step-N``, ``epoch-N``) inside ``final_dir`` are kept. A temporary directory that a killed save of the
+    same ``final_dir`` left behind is removed.
     """
     parent = os.path.dirname(os.path.abspath(final_dir))
     os.makedirs(final_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-meta-init-", dir=parent)
+    prefix = f".tmp-meta-init-{os.path.basename(os.path.abspath(final_dir))}-"
+    for name in os.listdir(parent):  # left by an earlier save of this directory that was killed
+        if name.startswith(prefix) and os.path.isdir(os.path.join(parent, name)):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
     try:
         save(tmp)
+        kill_point("meta_init_saved")
         manifest["files"] = {
             name: file_record(os.path.join(tmp, name))
             for name in sorted(os.listdir(tmp))
@@ -180,8 +194,10 @@ def _save_dir(save: Any, final_dir: str, manifest: dict[str, Any]) -> None:
         manifest_path = os.path.join(final_dir, META_INIT_MANIFEST)
         if os.path.exists(manifest_path):
             os.remove(manifest_path)
-        for name in os.listdir(tmp):
+        for moved, name in enumerate(sorted(os.listdir(tmp)), start=1):
             os.replace(os.path.join(tmp, name), os.path.join(final_dir, name))
+            kill_point("meta_init_moved", moved)
+        manifest["manifest_sha256"] = json_sha256(manifest, without="manifest_sha256")
         atomic_write_json(manifest_path, manifest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -366,6 +382,12 @@ def read_meta_init_manifest(path: str | os.PathLike) -> dict[str, Any]:
         raise MetaInitManifestError(
             f"{mpath!r} is malformed: {exc}. It was edited or damaged; restore it from a copy, or {_REDO}."
         ) from None
+    recorded = manifest.get("manifest_sha256")  # absent in manifests saved before it was recorded
+    if recorded is not None and recorded != json_sha256(manifest, without="manifest_sha256"):
+        raise MetaInitManifestError(
+            f"{mpath!r} was edited or damaged after it was saved (its content no longer matches its "
+            f"manifest_sha256); restore it from a copy, or {_REDO}."
+        )
     return manifest
 
 

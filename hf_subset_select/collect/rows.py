@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..data.encode import IGNORE_INDEX, encode_row
-from ..data.sources import EXAMPLE_ID_COLUMN, SOURCE_COLUMN
+from ..data.sources import EXAMPLE_ID_COLUMN, SOURCE_COLUMN, BookkeepingColumnsError, DataInputError
 from .cache import SPLIT_TARGET, SPLIT_TRAIN
 from .per_example import collate_examples
 
@@ -76,14 +76,14 @@ def column(dataset: Any, name: str) -> list[Any]:
     """Values of column ``name`` (a ``datasets.Dataset`` or any indexable of dicts), with a fix if it is missing."""
     if hasattr(dataset, "column_names"):
         if name not in dataset.column_names:
-            raise ValueError(
+            raise BookkeepingColumnsError(
                 f"The dataset has no {name!r} column (it has {dataset.column_names}). Tag it with "
                 "hf_subset_select.tag_sources(...) (training sources) or tag_target_eval(...) (target evaluation)."
             )
         return list(dataset[name])
     rows = [dataset[i] for i in range(len(dataset))]
     if rows and name not in rows[0]:
-        raise ValueError(
+        raise BookkeepingColumnsError(
             f"The examples have no {name!r} field; tag them with hf_subset_select.tag_sources(...)."
         )
     return [r[name] for r in rows]
@@ -137,7 +137,9 @@ def plan_rows(source: RowSource) -> RowPlan:
     """Order the tagged rows of both splits, encode each once, drop (and count) rows without supervision.
 
     Raises:
-        ValueError: a split is not tagged, or an ``example_id`` occurs twice in a split.
+        BookkeepingColumnsError: a split is not tagged (no ``source`` / ``example_id`` column).
+        DataInputError: an ``example_id`` occurs twice in a split, a split is empty, or a split or a training
+            source has no example with a supervised token (every label masked).
     """
     sources: list[str] = []
     items: list[tuple[int, int, int, int]] = []
@@ -153,7 +155,7 @@ def plan_rows(source: RowSource) -> RowPlan:
     seen = set()
     for split, ex_id, _, _ in items:
         if (split, ex_id) in seen:
-            raise ValueError(
+            raise DataInputError(
                 f"example_id {ex_id} occurs twice in the {'target' if split else 'training'} data: tag every "
                 "source once, in one tag_sources call (and the target split with tag_target_eval)."
             )
@@ -166,4 +168,36 @@ def plan_rows(source: RowSource) -> RowPlan:
             plan.skipped_ids.append(ex_id)
             continue
         plan.rows.append(PlannedRow(split, ex_id, src, row, content_digest(encoded)))
+    _check_supervised(plan, items)
     return plan
+
+
+_MASKED_FIX = (
+    "check how the labels are masked (a chat template that marks no assistant turn, a completion-only mask on "
+    "rows without a completion) and that max_length does not cut every completion off"
+)
+
+
+def _check_supervised(plan: RowPlan, items: list[tuple[int, int, int, int]]) -> None:
+    """Every split has rows, and every split and training source keeps at least one supervised row."""
+    for split, what, fix in (
+        (SPLIT_TRAIN, "training data", "tag_sources({...}) with non-empty sources"),
+        (SPLIT_TARGET, "target evaluation split", "tag_target_eval(dataset) on a non-empty split"),
+    ):
+        given = [t for t in items if t[0] == split]
+        if not given:
+            raise DataInputError(f"The {what} is empty; pass {fix}.")
+        if not any(r.split == split for r in plan.rows):
+            raise DataInputError(
+                f"Every example of the {what} has all of its labels masked ({len(given)} rows, no token carries "
+                f"loss), so no gradient can be collected: {_MASKED_FIX}."
+            )
+    kept = {r.source_index for r in plan.rows if r.split == SPLIT_TRAIN}
+    empty = [
+        plan.sources[s] for s in dict.fromkeys(t[2] for t in items if t[0] == SPLIT_TRAIN) if s not in kept
+    ]
+    if empty:
+        raise DataInputError(
+            f"Every example of the training source(s) {empty} has all of its labels masked, so the source cannot be "
+            f"scored: {_MASKED_FIX}; or drop the source."
+        )

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ..faults import kill_point
 from ..io_utils import atomic_save_file, atomic_write_json, file_sha256, read_json
 from .cache import (
     CACHE_COLUMNS,
@@ -50,6 +51,7 @@ __all__ = [
     "remove_shards",
     "remove_final_files",
     "remove_collection_files",
+    "remove_temp_files",
 ]
 
 SHARDS_DIR = "shards"
@@ -82,6 +84,7 @@ def save_shard(
     data_path, meta_path = _shard_paths(shards_dir, index)
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     atomic_save_file(clean, data_path)
+    kill_point("shard_data_written", index)
     meta = dict(meta)
     meta.update(
         {
@@ -169,6 +172,7 @@ def merge_shards(
     has_reps: bool | None = None
     for index in indices:
         tensors, _ = load_shard(shards_dir, index)
+        kill_point("merge_loaded", index)
         reps = "representations" in tensors
         if has_reps is not None and reps != has_reps:
             raise GradientCacheError(
@@ -222,6 +226,17 @@ def remove_final_files(path: str | os.PathLike) -> None:
     for name in (MANIFEST_NAME, DATA_NAME, PRECONDITIONER_NAME):
         if os.path.exists(os.path.join(os.fspath(path), name)):
             os.remove(os.path.join(os.fspath(path), name))
+
+
+def remove_temp_files(path: str | os.PathLike) -> None:
+    """Delete the temporary files an interrupted atomic write left in ``path`` (``.tmp-*``, never renamed)."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        return
+    for name in os.listdir(path):
+        full = os.path.join(path, name)
+        if name.startswith(".tmp-") and os.path.isfile(full):
+            os.remove(full)
 
 
 def remove_collection_files(path: str | os.PathLike) -> None:
@@ -386,6 +401,8 @@ class GradientStore:
         :class:`CollectionMismatchError`."""
         action = existing_action(self.output_dir, self.key, self.overwrite)
         self.dist.barrier()
+        if self.dist.is_main:
+            remove_temp_files(self.output_dir)  # left by a write that a kill interrupted
         if action == "reuse":
             if self.dist.is_main:
                 remove_shards(self.output_dir)
@@ -457,6 +474,7 @@ class GradientStore:
                 preconditioner=preconditioner,
             )
             cache.save(self.output_dir)
+            kill_point("manifest_written")
             remove_shards(self.output_dir)
         self.dist.barrier()
 

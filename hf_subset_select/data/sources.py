@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "DataInputError",
+    "BookkeepingColumnsError",
     "SOURCE_COLUMN",
     "EXAMPLE_ID_COLUMN",
     "BOOKKEEPING_COLUMNS",
@@ -36,6 +38,15 @@ CONTENT_COLUMNS = ("text", "messages", "prompt", "input_ids")
 LABEL_COLUMNS = ("label", "labels")
 
 
+class DataInputError(ValueError):
+    """A dataset that cannot be used as given: no content column, an empty source or split, colliding example ids,
+    no supervised token, mismatched columns. The message says how to fix the data."""
+
+
+class BookkeepingColumnsError(DataInputError):
+    """The ``source`` / ``example_id`` columns were removed, or examples were merged, where the plugin needs them."""
+
+
 def make_example_ids(source: str, split: str, num_rows: int) -> np.ndarray:
     """Deterministic int64 ids (63-bit, non-negative) for rows ``0..num_rows-1`` of one source and split."""
     base = hashlib.blake2b(f"{split}\x00{source}".encode(), digest_size=8).digest()
@@ -52,21 +63,21 @@ def make_example_ids(source: str, split: str, num_rows: int) -> np.ndarray:
 
 def _check_columns(name: str, columns: list[str], require_label: bool) -> None:
     if not any(c in columns for c in CONTENT_COLUMNS):
-        raise ValueError(
+        raise DataInputError(
             f"Source {name!r} has none of the columns {list(CONTENT_COLUMNS)} (it has {columns}). "
             "Rename its text column to 'text', its chat column to 'messages', use 'prompt'/'completion', "
             "or tokenize it into 'input_ids' first."
         )
     if "prompt" in columns and "completion" not in columns:
-        raise ValueError(f"Source {name!r} has a 'prompt' column but no 'completion' column; add one.")
+        raise DataInputError(f"Source {name!r} has a 'prompt' column but no 'completion' column; add one.")
     if require_label and not any(c in columns for c in LABEL_COLUMNS):
-        raise ValueError(
+        raise DataInputError(
             f"Source {name!r} has no 'label' or 'labels' column, but the other sources do "
             "(classification data needs one per example)."
         )
     clash = [c for c in BOOKKEEPING_COLUMNS if c in columns]
     if clash:
-        raise ValueError(
+        raise DataInputError(
             f"Source {name!r} already has bookkeeping column(s) {clash}. Remove them "
             "(dataset.remove_columns(...)) before tagging, or pass the already tagged dataset directly."
         )
@@ -83,7 +94,7 @@ def _check_unique_ids(ids: Any) -> None:
     uniq, counts = np.unique(arr, return_counts=True)
     if len(uniq) != len(arr):
         dup = int(uniq[counts > 1][0])
-        raise ValueError(
+        raise DataInputError(
             f"example_id collision: id {dup} occurs {int(counts.max())} times. This happens when the same source "
             "is tagged twice or two tagged datasets are concatenated; tag every source once, in one call."
         )
@@ -110,19 +121,19 @@ def tag_sources(
     from datasets import Dataset, concatenate_datasets
 
     if not isinstance(sources, Mapping) or not sources:
-        raise ValueError("tag_sources needs a non-empty dict {source_name: datasets.Dataset}.")
+        raise DataInputError("tag_sources needs a non-empty dict {source_name: datasets.Dataset}.")
     names = list(sources)
     for name in names:
         if not isinstance(name, str) or not name.strip():
-            raise ValueError(f"Source names must be non-empty strings, got {name!r}.")
+            raise DataInputError(f"Source names must be non-empty strings, got {name!r}.")
     folded = Counter(n.strip().lower() for n in names)
     dups = [n for n, c in folded.items() if c > 1]
     if dups:
-        raise ValueError(
+        raise DataInputError(
             f"Duplicate source name(s) {dups} (names are compared case-insensitively); give every source its own name."
         )
     if target is not None and target not in sources:
-        raise ValueError(f"target={target!r} is not one of the sources {names}.")
+        raise DataInputError(f"target={target!r} is not one of the sources {names}.")
     any_label = any(
         any(c in getattr(ds, "column_names", []) for c in LABEL_COLUMNS) for ds in sources.values()
     )
@@ -132,20 +143,20 @@ def tag_sources(
         if not isinstance(ds, Dataset):
             raise TypeError(f"Source {name!r} must be a datasets.Dataset, got {type(ds).__name__}.")
         if len(ds) == 0:
-            raise ValueError(f"Source {name!r} is empty; drop it from the dict or fill it.")
+            raise DataInputError(f"Source {name!r} is empty; drop it from the dict or fill it.")
         _check_columns(name, ds.column_names, require_label=any_label)
         tagged.append(_tag_one(ds, name, split))
     columns = [set(t.column_names) for t in tagged]
     if any(c != columns[0] for c in columns):
         diff = {names[i]: sorted(c ^ columns[0]) for i, c in enumerate(columns) if c != columns[0]}
-        raise ValueError(
+        raise DataInputError(
             f"Sources have different columns (differences from {names[0]!r}: {diff}); "
             "map them to one schema before tagging."
         )
     try:
         mixed = concatenate_datasets(tagged)
-    except ValueError as exc:  # incompatible feature types
-        raise ValueError(
+    except ValueError as exc:  # incompatible feature types (datasets' own error)
+        raise DataInputError(
             f"Sources could not be concatenated ({exc}); cast them to the same features (dataset.cast(...))."
         ) from exc
     _check_unique_ids(mixed[EXAMPLE_ID_COLUMN])
@@ -163,7 +174,7 @@ def tag_target_eval(dataset: Any, name: str = "target") -> Any:
             f"The target evaluation split must be a datasets.Dataset, got {type(dataset).__name__}."
         )
     if len(dataset) == 0:
-        raise ValueError("The target evaluation split is empty; the estimate needs target examples.")
+        raise DataInputError("The target evaluation split is empty; the estimate needs target examples.")
     _check_columns(name, dataset.column_names, require_label=False)
     tagged = _tag_one(dataset, name, "target_eval")
     _check_unique_ids(tagged[EXAMPLE_ID_COLUMN])
@@ -178,16 +189,18 @@ def tag_clusters(dataset: Any, mapping: Mapping[Any, str]) -> Any:
     columns = getattr(dataset, "column_names", None) or []
     missing = [c for c in BOOKKEEPING_COLUMNS if c not in columns]
     if missing:
-        raise ValueError(
+        raise BookkeepingColumnsError(
             f"The dataset lacks the column(s) {missing}; tag it with hf_subset_select.tag_sources (one untagged "
             "dataset: tag_sources({'pool': dataset})) before collecting the cache and clustering it."
         )
     if not mapping:
-        raise ValueError("The cluster mapping is empty; pass the mapping returned by cluster_sources(...).")
+        raise DataInputError(
+            "The cluster mapping is empty; pass the mapping returned by cluster_sources(...)."
+        )
     table = {int(k): str(v) for k, v in mapping.items()}
     hits = sum(int(i) in table for i in dataset[EXAMPLE_ID_COLUMN])
     if hits == 0:
-        raise ValueError(
+        raise DataInputError(
             "No example_id of the dataset is in the cluster mapping; the mapping comes from a cache of another "
             "dataset. Cluster the cache collected on this dataset."
         )
@@ -209,7 +222,7 @@ def target_of(dataset: Any) -> str | None:
 def source_counts(dataset: Any) -> dict[str, int]:
     """Number of examples per source, in order of first appearance."""
     if SOURCE_COLUMN not in getattr(dataset, "column_names", []):
-        raise ValueError(
+        raise BookkeepingColumnsError(
             f"The dataset has no {SOURCE_COLUMN!r} column; tag it with hf_subset_select.tag_sources(...) first."
         )
     counts: dict[str, int] = {}
@@ -231,7 +244,9 @@ def load_dataset_file(path: str) -> Any:
     ext = os.path.splitext(path)[1].lower().lstrip(".")
     kind = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(ext)
     if kind is None:
-        raise ValueError(f"Cannot read {path!r}: use .json/.jsonl/.csv/.parquet or a save_to_disk folder.")
+        raise DataInputError(
+            f"Cannot read {path!r}: use .json/.jsonl/.csv/.parquet or a save_to_disk folder."
+        )
     return load_dataset(kind, data_files=path, split="train")
 
 
@@ -241,8 +256,8 @@ def parse_source_specs(specs: list[str]) -> dict[str, Any]:
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or not name.strip() or not path.strip():
-            raise ValueError(f"Source {spec!r} is not NAME=PATH (e.g. cot_gsm=data/cot_gsm.jsonl).")
+            raise DataInputError(f"Source {spec!r} is not NAME=PATH (e.g. cot_gsm=data/cot_gsm.jsonl).")
         if name.strip() in out:
-            raise ValueError(f"Source name {name.strip()!r} is given twice.")
+            raise DataInputError(f"Source name {name.strip()!r} is given twice.")
         out[name.strip()] = load_dataset_file(path.strip())
     return out

@@ -23,7 +23,7 @@ from typing import Any
 from transformers import Trainer
 from trl import SFTTrainer
 
-from .sources import BOOKKEEPING_COLUMNS
+from .sources import BOOKKEEPING_COLUMNS, BookkeepingColumnsError
 
 __all__ = [
     "BookkeepingColumnsError",
@@ -43,10 +43,6 @@ FIX_MERGED = (
     "set packing=False and padding_free=False in your SFTConfig: merged rows have no single source, so per-source "
     "filtering, weighting and per-example gradients are undefined for them"
 )
-
-
-class BookkeepingColumnsError(ValueError):
-    """The ``source`` / ``example_id`` columns were removed, or examples were merged, where the plugin needs them."""
 
 
 def _merges_examples(args: Any) -> list[str]:

@@ -19,12 +19,13 @@ import torch
 
 from .. import __version__
 from ..data.sources import EXAMPLE_ID_COLUMN, SOURCE_COLUMN
-from ..io_utils import atomic_write_json, read_json
+from ..io_utils import atomic_write_json, json_sha256, read_json
 from ..schema import SchemaError, anything, boolean, dict_of, integer, list_of, number, obj, optional, string
 
 __all__ = [
     "SourceSelection",
     "SelectionFileError",
+    "SelectionMismatchError",
     "ExampleTable",
     "scores_to_weights",
     "cache_manifest",
@@ -38,6 +39,10 @@ EXAMPLE_FORMAT_VERSION = 2  # with a per-example table: older releases must not 
 
 class SelectionFileError(ValueError):
     """A selection JSON that is missing, malformed or inconsistent (:meth:`SourceSelection.load`)."""
+
+
+class SelectionMismatchError(ValueError):
+    """A selection used with a cache (or estimator) it was not computed from."""
 
 
 class _SelectionNotFound(SelectionFileError, FileNotFoundError):
@@ -282,8 +287,10 @@ class SourceSelection:
         return out
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the selection as JSON (atomically)."""
-        atomic_write_json(os.fspath(path), self.to_dict())
+        """Write the selection as JSON (atomically), with the SHA-256 of its content (``content_sha256``)."""
+        data = self.to_dict()
+        data["content_sha256"] = json_sha256(data)
+        atomic_write_json(os.fspath(path), data)
 
     @classmethod
     def load(cls, path: str | os.PathLike, cache: Any | None = None) -> SourceSelection:
@@ -293,7 +300,8 @@ class SourceSelection:
             SelectionFileError: the file is missing (then also a ``FileNotFoundError``), not JSON, not a selection,
                 of another format version, or a key has the wrong type or disagrees with the others (the message
                 names it).
-            ValueError: with ``cache``, the selection was not computed from that cache (:meth:`check_cache`).
+            SelectionMismatchError: with ``cache``, the selection was not computed from that cache
+                (:meth:`check_cache`).
         """
         path = os.fspath(path)
         if not os.path.isfile(path):
@@ -344,6 +352,13 @@ class SourceSelection:
             sel._check_consistent()
         except ValueError as exc:
             raise SelectionFileError(f"{path!r}: {exc}") from None
+        # after the key checks (which name the wrong key): an edit that left every key legal is caught here
+        recorded = data.get("content_sha256")
+        if recorded is not None and recorded != json_sha256(data, without="content_sha256"):
+            raise SelectionFileError(
+                f"{path!r} was edited or damaged after it was saved (its content no longer matches its "
+                "content_sha256). Restore it from a copy, or re-run select_sources and save it."
+            )
         if cache is not None:
             sel.check_cache(cache)
         return sel
@@ -357,25 +372,25 @@ class SourceSelection:
             )
 
     def check_cache(self, cache: Any) -> None:
-        """Raise ValueError if this selection was not computed from ``cache`` (fingerprint and sources)."""
+        """Raise :class:`SelectionMismatchError` if this selection was not computed from ``cache`` (fingerprint and sources)."""
         cache = getattr(cache, "cache", cache)  # accept an estimator
         want = self.manifest.get("cache_fingerprint")
         have = cache.fingerprint()
         if want is not None and want != have:
-            raise ValueError(
+            raise SelectionMismatchError(
                 f"This selection was computed from cache {want}, not from this cache ({have}). Re-run "
                 "select_sources on this cache, or load the selection without cache= to skip the check."
             )
         missing = [s for s in self.sources if s not in cache.sources]
         if missing:
-            raise ValueError(
+            raise SelectionMismatchError(
                 f"The cache lacks the selection's sources {missing}; it is not the cache this selection came from."
             )
         if self.examples is not None:
             have_ids = set(cache.example_ids[cache.train_mask].tolist())
             absent = [i for i in self.examples.example_ids if i not in have_ids]
             if absent:
-                raise ValueError(
+                raise SelectionMismatchError(
                     f"{len(absent)} example id(s) of the selection (e.g. {absent[:3]}) are not training rows of this "
                     "cache; it is not the cache this selection came from. Re-run select_examples on it."
                 )

@@ -193,7 +193,7 @@ def test_meta_init_without_checksums_loads_with_a_warning_and_its_fingerprint_ch
     save_meta_init(lora_theta, str(tmp_path / "theta"))
     path = tmp_path / "theta" / META_INIT_MANIFEST
     manifest = json.loads(path.read_text())
-    del manifest["files"]
+    del manifest["files"], manifest["manifest_sha256"]  # as an older release wrote it
     path.write_text(json.dumps(manifest))
     with pytest.warns(UserWarning, match="without file checksums"):
         load_meta_init(tmp_path / "theta", base_model=_base(), verify=False)
@@ -205,3 +205,24 @@ def test_meta_init_without_checksums_loads_with_a_warning_and_its_fingerprint_ch
     path.write_text(json.dumps(manifest))
     with pytest.raises(MetaInitManifestError, match="plain file name"):
         load_meta_init(tmp_path / "theta", base_model=_base())
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("fingerprint", "0123456789abcdef"),
+        ("target_source", "b"),
+        ("output_fn", "x"),
+        ("theta_fingerprint", "a" * 64),
+    ],
+)
+def test_a_legal_but_different_manifest_value_is_caught_by_the_data_files_record(saved, key, value):
+    path = saved / "manifest.json"
+    manifest = json.loads(path.read_text())
+    assert manifest.get(key) != value
+    manifest[key] = value  # still parses and passes every key check
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(
+        GradientCacheError, match="manifest.json' was edited or damaged.*SHA-256 that cache.safetensors"
+    ):
+        GradientCache.load(saved)

@@ -147,6 +147,10 @@ def test_load_refuses_wrong_base_tampering_and_non_meta_init_dirs(tmp_path, toy_
     manifest = _manifest(out)
     manifest["fingerprint"] = "0" * 64
     (out / "meta_init.json").write_text(json.dumps(manifest))
+    with pytest.raises(MetaInitManifestError, match="edited or damaged.*manifest_sha256"):
+        load_meta_init(out, base_model=make_tiny_causal_lm("gpt2"))
+    del manifest["manifest_sha256"]  # without its checksum, θ*'s fingerprint still catches the edit
+    (out / "meta_init.json").write_text(json.dumps(manifest))
     with pytest.raises(MetaInitManifestError, match="fingerprint"):
         load_meta_init(out, base_model=make_tiny_causal_lm("gpt2"))
     (out / "meta_init.json").write_text("{not json")

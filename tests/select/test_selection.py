@@ -11,6 +11,7 @@ import pytest
 from hf_subset_select import SelectConfig, SourceSelection, select_sources
 from hf_subset_select.demo.synthetic import make_synthetic_cache
 from hf_subset_select.select import scores_to_weights
+from hf_subset_select.select.selection import SelectionFileError
 
 ALIGNED = ["aligned_0", "aligned_1"]
 DATA = Path(__file__).parent / "data"
@@ -97,3 +98,18 @@ def test_scores_to_weights_direction_and_edge_cases():
     assert scores_to_weights(scores, []) == {"a": 0.0, "b": 0.0, "c": 0.0}
     with pytest.raises(ValueError, match="temperature"):
         scores_to_weights(scores, ["a"], temperature=0.0)
+
+
+def test_a_legal_but_different_value_is_caught_by_the_content_checksum(tmp_path, est):
+    sel = select_sources(est, method="linear", config=SelectConfig(num_subsets=50))
+    path = tmp_path / "s.json"
+    sel.save(path)
+    data = json.loads(path.read_text())
+    name = next(iter(data["weights"]))
+    data["weights"][name] = data["weights"][name] + 0.25  # a legal weight, just not the saved one
+    path.write_text(json.dumps(data))
+    with pytest.raises(SelectionFileError, match="edited or damaged after it was saved.*content_sha256"):
+        SourceSelection.load(path)
+    del data["content_sha256"]  # a file from before checksums (or one stripped of it) still loads
+    path.write_text(json.dumps(data))
+    assert SourceSelection.load(path).weights[name] == data["weights"][name]

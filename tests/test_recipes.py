@@ -262,6 +262,7 @@ BENCHMARKS = os.path.join(RECIPES, "benchmarks")
 BENCHMARK_SCRIPTS = [
     "fidelity.py", "fidelity_pretrained.py", "suite.py", "roles.py", "estimate_speed.py",
     "collect_throughput.py", "weighted_loss_overhead.py", "granularity.py", "reliability.py",
+    "suite_diagnose.py",
 ]  # fmt: skip
 
 
@@ -286,6 +287,35 @@ def test_benchmark_help_has_common_flags(script):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "--output" in proc.stdout and "--quick" in proc.stdout
+
+
+def test_suite_diagnose_summary_locates_the_error(monkeypatch):
+    """The diagnosis summary separates "the estimate ranks the loss it estimates" from "that loss ranks the metric":
+    here the estimate orders the single sources' real losses exactly while the losses order the metric backwards."""
+    import importlib
+
+    monkeypatch.syspath_prepend(BENCHMARKS)
+    diagnose = importlib.import_module("suite_diagnose")
+    subsets = [[], ["a"], ["b"], ["c"], ["a", "b"]]
+    real = [1.2, 0.7, 0.8, 0.9, 0.75]  # every fine-tune but the last two ends above θ*'s loss (0.78)
+    metric = [0.5, 0.3, 0.4, 0.6, 0.45]  # ... and the lower the loss of a single source, the lower its metric
+    estimates = [0.6, 0.4, 0.45, 0.5, 0.42]
+    geometry = {
+        "budget_estimates": estimates,
+        "output_change_correlation_with_real": [0.1, 0.2, 0.3, 0.4, 0.5],
+        "mean_output_change_ratio_to_real": [0.5, None, 0.4, 0.3, 0.2],
+    }
+    result = {
+        "base_dev_loss": 0.78,
+        "subsets": [{"subset": s, "real": r, "real_exact_match": m} for s, r, m in zip(subsets, real, metric)],
+        "geometry": {"none": geometry},
+    }
+    out = diagnose.summarize(result)
+    assert out["fraction_real_above_base"] == 3 / 5
+    g = out["geometry"]["none"]
+    assert g["single_source_spearman_estimate_vs_real_loss"] == pytest.approx(1.0)
+    assert out["single_source_spearman_real_loss_vs_metric"] == pytest.approx(-0.8)
+    assert g["median_output_change_correlation"] == 0.3 and g["median_mean_output_change_ratio"] == 0.4
 
 
 def test_granularity_benchmark_quick(tmp_path):

@@ -24,7 +24,7 @@ GROUPS = [
         ["MetaInitCallback", "load_meta_init", "GradientCollector", "GradientCache", "GradientCacheError", "StorageWriteError"],
     ),
     ("3. Estimation", ["FirstOrderEstimator", "calibrate", "forward_check"]),
-    ("4. Selection", ["select_sources", "SourceSelection"]),
+    ("4. Selection", ["select_sources", "SourceSelection", "verify_selection"]),
     (
         "5. The target fine-tune",
         ["SubsetSelectingDataCollator", "WeightedLossTrainer", "WeightedLossSFTTrainer"],

@@ -51,6 +51,7 @@ _EXPORTS: dict[str, str] = {
     # 4. select
     "select_sources": "select.registry",
     "SourceSelection": "select.selection",
+    "verify_selection": "select.verify",
     # 5. the target fine-tune
     "SubsetSelectingDataCollator": "train.collator",
     "WeightedLossTrainer": "train.weighted_loss",
@@ -91,5 +92,6 @@ if TYPE_CHECKING:  # pragma: no cover - static re-exports for type checkers and 
     from .io_utils import StorageWriteError
     from .select.registry import select_sources
     from .select.selection import SourceSelection
+    from .select.verify import verify_selection
     from .train.collator import SubsetSelectingDataCollator
     from .train.weighted_loss import WeightedLossSFTTrainer, WeightedLossTrainer

@@ -262,7 +262,7 @@ BENCHMARKS = os.path.join(RECIPES, "benchmarks")
 BENCHMARK_SCRIPTS = [
     "fidelity.py", "fidelity_pretrained.py", "suite.py", "roles.py", "estimate_speed.py",
     "collect_throughput.py", "weighted_loss_overhead.py", "granularity.py", "reliability.py",
-    "suite_diagnose.py",
+    "suite_diagnose.py", "suite_verify.py",
 ]  # fmt: skip
 
 

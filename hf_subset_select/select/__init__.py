@@ -4,7 +4,8 @@
 keep rule all selectors share; :mod:`.registry` selectors by name and :func:`select_sources`; :mod:`.first_order`
 our selectors (``random_ensemble``, ``linear``, ``forward``); :mod:`.baselines` the baselines they are compared
 with (``gradient_similarity``, ``representation_similarity``, ``random``); :mod:`.examples` per-example scores and
-selections; :mod:`.clusters` pseudo-sources clustered on the gradients. Importing it does not import transformers.
+selections; :mod:`.clusters` pseudo-sources clustered on the gradients; :mod:`.verify` the optional check of a
+selection's ranking by a few real fine-tunes scored on ``dev``. Importing it does not import transformers.
 """
 
 from .base import Selector, SelectorScores
@@ -12,6 +13,7 @@ from .baselines import gradient_similarity_selection, random_selection, represen
 from .first_order import ForwardSelector, LinearSelector, RandomEnsembleSelector
 from .registry import get_selector, register_selector, select_sources, selector_names
 from .selection import SourceSelection, scores_to_weights
+from .verify import verify_selection
 
 __all__ = [
     "SourceSelection",
@@ -28,4 +30,5 @@ __all__ = [
     "gradient_similarity_selection",
     "representation_similarity_selection",
     "random_selection",
+    "verify_selection",
 ]

@@ -94,6 +94,9 @@ class Selector(ABC):
     def manifest(self, estimator: Any, config: SelectConfig) -> dict[str, Any]:
         """What ties the selection to its inputs: the cache's fingerprint and sources and the select config."""
         manifest = cache_manifest(estimator.cache)
+        target = getattr(estimator, "target_cache", estimator.cache)
+        if target is not estimator.cache:  # a separate target cache: the selection depends on it too
+            manifest["target_cache_fingerprint"] = target.fingerprint()
         manifest["select_config"] = {**config.to_dict(), "method": self.name}
         return manifest
 

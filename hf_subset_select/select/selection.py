@@ -79,6 +79,7 @@ _SCHEMA = obj(
                 "target_source": optional(string()),
                 "select_config": dict_of(anything()),
                 "estimator_config": dict_of(anything()),
+                "target_cache_fingerprint": string(nonempty=True),
             },
         ),
     },

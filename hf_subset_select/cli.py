@@ -200,7 +200,7 @@ def cmd_report(argv: Sequence[str]) -> None:
     """Write report.md and a per-source score plot for a selection (checked against its cache)."""
     import json
 
-    from .report import markdown_table, plot_source_scores, write_markdown
+    from .report import format_interval, markdown_table, plot_source_scores, write_markdown
     from .select.selection import SourceSelection
 
     cache_args, rep = parse_dataclasses(
@@ -215,29 +215,50 @@ def cmd_report(argv: Sequence[str]) -> None:
         with open(rep.roles, encoding="utf-8") as handle:
             roles = json.load(handle)
     os.makedirs(rep.output_dir, exist_ok=True)
+    intervals = selection.info.get("intervals") or {}
     plot = plot_source_scores(
         {s: selection.scores[s] for s in selection.ranking},
         os.path.join(rep.output_dir, "source_scores.png"),
         roles=roles,
         selected=selection.selected,
+        intervals=intervals.get("scores"),
     )
+    effects = selection.info.get("effects") or {}
     rows = [
-        [
-            s,
-            selection.scores[s],
+        [s, selection.scores[s]]
+        + ([format_interval(intervals["scores"].get(s))] if intervals else [])
+        + ([effects.get(s, float("nan"))] if effects else [])
+        + ([format_interval(intervals["effects"].get(s))] if intervals else [])
+        + [
             "kept" if s in selection.selected else "dropped",
             selection.weights.get(s, 0.0),
         ]
         + ([roles.get(s, "?")] if roles else [])
         for s in selection.ranking
     ]
-    headers = ["source", "score", "decision", "weight"] + (["role"] if roles else [])
+    level = f"{100 * float(intervals['level']):g}% CI" if intervals else ""
+    headers = (
+        ["source", "score"]
+        + ([f"score {level}"] if intervals else [])
+        + (["effect"] if effects else [])
+        + ([f"effect {level}"] if intervals else [])
+        + ["decision", "weight"]
+        + (["role"] if roles else [])
+    )
+    note = (
+        f"\n\nIntervals: {intervals.get('method', 'bootstrap')}, {intervals.get('samples')} replicates; a source whose "
+        "effect interval lies below 0 improves the target loss beyond what the sampled subsets and target rows "
+        f"explain ({', '.join(intervals.get('significant', [])) or 'none'})."
+        if intervals
+        else ""
+    )
     sections = [
         (
             "Selection",
             f"method `{selection.method}`, cache `{cache_args.cache}` ({cache.num_examples} rows, "
             f"d = {cache.dim}); target source: `{selection.target_source}`.\n\n"
-            + markdown_table(headers, rows),
+            + markdown_table(headers, rows)
+            + note,
         ),
     ]
     if plot:

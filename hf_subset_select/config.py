@@ -582,7 +582,27 @@ class SelectConfig(ConfigMixin):
             "target's data alone. None: keep every estimated improvement. 1.64: a one-sided test at the 0.95 level."
         },
     )
-    seed: int = field(default=0, metadata={"help": "Seed for the random subsets."})
+    interval_level: float | None = field(
+        default=None,
+        metadata={
+            "help": "Give every source score and effect of our methods a confidence interval at this level (e.g. "
+            "0.95): a bootstrap over the sampled subsets and the target rows (percentile-t; docs/uncertainty.md). "
+            "Stored in the selection's info['intervals'] and shown by the report. None: no intervals."
+        },
+    )
+    bootstrap_samples: int = field(
+        default=1000, metadata={"help": "Bootstrap replicates of the intervals (interval_level)."}
+    )
+    require_significant: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep a source only if the interval of its effect on the target loss excludes 'no effect' "
+            "on the helpful side (its upper bound is below 0; forward: each greedy step's improvement), on top of "
+            "top_k / threshold / the default rule. Needs interval_level. Use it when a selection must not rest on "
+            "an effect that the sampled subsets or the few target rows could have produced by chance."
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "Seed for the random subsets (and the bootstrap)."})
     temperature: float = field(
         default=1.0,
         metadata={"help": "Softmax temperature turning standardized scores into sampling weights."},
@@ -591,6 +611,18 @@ class SelectConfig(ConfigMixin):
     def __post_init__(self) -> None:
         self._check_choices()
         _check_positive("num_subsets", self.num_subsets)
+        if self.interval_level is not None and not 0.0 < self.interval_level < 1.0:
+            raise ConfigError(
+                f"interval_level must lie in (0, 1), e.g. 0.95, or be None; got {self.interval_level!r}."
+            )
+        if self.bootstrap_samples < 20:
+            raise ConfigError(
+                f"bootstrap_samples must be >= 20 (1000 is usual), got {self.bootstrap_samples!r}."
+            )
+        if self.require_significant and self.interval_level is None:
+            raise ConfigError(
+                "require_significant=True needs interval_level (e.g. 0.95): the interval that must exclude 'no effect'."
+            )
         if not 0.0 < self.subset_ratio < 1.0:
             raise ConfigError(f"subset_ratio must lie in (0, 1), got {self.subset_ratio!r}.")
         _check_positive("top_k", self.top_k, allow_none=True)

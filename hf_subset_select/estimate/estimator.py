@@ -267,6 +267,27 @@ class FirstOrderEstimator:
         groups = {name: per_example[:, idx].mean(1) for name, idx in self.problem.target_groups.items()}
         return Estimate(loss, per_example, groups, w, self.problem.names(m))
 
+    def estimate_intervals(
+        self,
+        subsets: Any,
+        *,
+        level: float = 0.95,
+        samples: int = 1000,
+        seed: int = 0,
+        solver: str | None = None,
+    ) -> Any:
+        """Estimated target loss of each subset with a confidence interval over the target rows (they are a sample
+        of the target task; bootstrap, percentile-t: :func:`~hf_subset_select.estimate.uncertainty.subset_intervals`).
+
+        Returns:
+            An :class:`~hf_subset_select.estimate.uncertainty.Intervals`: ``point`` (= :meth:`estimate`),
+            ``lower`` and ``upper``, each of shape (num_subsets,).
+        """
+        from .uncertainty import subset_intervals
+
+        rows = self.estimate(subsets, details=True, solver=solver).per_example
+        return subset_intervals(rows, level=level, samples=samples, seed=seed)
+
     def fitted_steps(self, subsets: Any, *, solver: str | None = None) -> torch.Tensor:
         """ŵ_S (times the step scale) for each subset, shape (B, d): the parameter change is P·ŵ_S."""
         _, w = self.solve(self.membership(subsets), want_w=True, solver=solver)

@@ -84,9 +84,7 @@ def bootstrap_counts(n: int, samples: int, generator: torch.Generator) -> torch.
     )
 
 
-def percentile_interval(
-    point: torch.Tensor, replicates: torch.Tensor, level: float
-) -> Intervals:
+def percentile_interval(point: torch.Tensor, replicates: torch.Tensor, level: float) -> Intervals:
     """The percentile interval of ``replicates`` (R, K) at ``level`` (replicates that are NaN are left out)."""
     alpha = (1.0 - level) / 2.0
     q = torch.tensor([alpha, 1.0 - alpha], dtype=torch.float64)

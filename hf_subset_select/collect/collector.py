@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import os
 import time
-import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -51,7 +50,7 @@ from ..data.sources import target_of
 from ..faults import kill_point
 from ..io_utils import fingerprint_tensors, read_json
 from .cache import SPLIT_TARGET, GradientCache
-from .compat import TargetCacheMismatchError, check_compatible, compatibility_fields
+from .compat import TargetCacheMismatchError, check_collection, train_geometry
 from .distributed import DistState, dist_state
 from .engine import GradientEngine, base_config, pad_token_id
 from .outputs import OutputSpec, resolve_output_fn
@@ -181,14 +180,13 @@ class GradientCollector(TrainerCallback):
         optimizer: Any = None,
         preconditioner: Mapping[str, torch.Tensor] | None = None,
     ) -> GradientCache:
-        """Run the collection pass on ``model`` (θ*) and return the merged :class:`GradientCache`.
-
-        Every process of a distributed run must call this. Returns the cache on every process.
+        """Run the collection pass on ``model`` (θ*) and return the merged :class:`GradientCache` (on every process;
+        every process of a distributed run must call this).
 
         Args:
-            optimizer: the meta-training optimizer (torch Adam/AdamW, possibly wrapped by accelerate); with
-                ``config.precondition`` "auto" or "adam" its preconditioner scales the gradients. The Trainer
-                callback passes the Trainer's optimizer.
+            optimizer: the meta-training optimizer (torch Adam/AdamW, possibly wrapped by accelerate; the Trainer
+                callback passes it); with ``config.precondition`` "auto" or "adam" its preconditioner scales the
+                gradients.
             preconditioner: an explicit feature scale ``{name: tensor}`` per trainable parameter instead of
                 ``optimizer`` (recorded as kind "custom").
 
@@ -199,6 +197,7 @@ class GradientCollector(TrainerCallback):
             PreconditionerError: ``config.precondition="adam"`` and the optimizer has no Adam state.
             CollectionSelfCheckError: the cached outputs of the sampled rows differ from the model's own forward
                 pass on the rows the trainer trains on (``config.self_check``).
+            TargetCacheMismatchError: with ``train_cache``, θ*, the projection, geometry or output function differ.
         """
         cfg = self.config
         output_dir = os.fspath(output_dir or cfg.output_dir or "")
@@ -206,9 +205,7 @@ class GradientCollector(TrainerCallback):
             raise ValueError("Pass output_dir= to collect() or set CollectConfig(output_dir=...).")
         tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor wraps its tokenizer
-        dist = dist_state()
-        start_time = time.perf_counter()
-
+        dist, start_time = dist_state(), time.perf_counter()
         spec = resolve_output_fn(model, self.output_fn or cfg.output_fn, prob_clamp=cfg.prob_clamp)
         named = trainable_parameters(model)
         check_not_sharded(model, named)
@@ -222,23 +219,17 @@ class GradientCollector(TrainerCallback):
             cache_mb=cfg.proj_cache_mb,
         )
         theta_fp = fingerprint_tensors(named)
-        if self.train_cache is not None:
-            scale, precondition = self._train_geometry(cfg, model, named, optimizer, preconditioner, dist)
-            self._check_train_cache(projector, spec, theta_fp, precondition)
-            source = self._row_source(spec, tokenizer, model)
-            plan = plan_rows(source, splits=(SPLIT_TARGET,))
-            target_source = None
+        if self.train_cache is not None:  # a target-only collection: the training cache's geometry, checked
+            scale, precondition = train_geometry(
+                self.train_cache, cfg, model, named, optimizer, preconditioner, dist
+            )
+            check_collection(self.train_cache, projector.manifest(), spec, theta_fp, precondition, cfg)
         else:
             scale, precondition = resolve_preconditioner(
                 cfg.precondition, model, named, optimizer, preconditioner, dist
             )
-            source = self._row_source(spec, tokenizer, model)
-            plan = plan_rows(source)
-            target_source = target_of(self.train_dataset)
-        if target_source is not None and target_source not in plan.sources:
-            raise ValueError(
-                f"target_source={target_source!r} is not among the collected sources {plan.sources}."
-            )
+        source = self._row_source(spec, tokenizer, model)
+        plan, target_source = self._plan(source)
         key = self._key(projector, spec, theta_fp, plan, precondition)
         store = GradientStore(
             output_dir,
@@ -270,11 +261,7 @@ class GradientCollector(TrainerCallback):
         computed = sum(len(store.shard_rows(i)) for i in mine)
         manifest = self._manifest(projector, spec, theta_fp, model, plan, dist, engine.method_used)
         manifest["precondition"] = precondition
-        if self.train_cache is not None:
-            manifest["train_cache"] = {
-                "fingerprint": self.train_cache.fingerprint(),
-                "path": self.train_cache_path,
-            }
+        manifest.update(self._train_cache_entry())
         manifest["collection_stats"] = {
             "examples_computed_main_process": computed,
             "examples_reused_from_shards": reused,
@@ -338,50 +325,23 @@ class GradientCollector(TrainerCallback):
             settings["train_cache_fingerprint"] = self.train_cache.fingerprint()
         return collection_key(settings, plan.key_entries(), precondition)
 
-    def _train_geometry(
-        self,
-        cfg: CollectConfig,
-        model: Any,
-        named: list[tuple[str, torch.Tensor]],
-        optimizer: Any,
-        preconditioner: Mapping[str, torch.Tensor] | None,
-        dist: DistState,
-    ) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
-        """The training cache's geometry: its stored preconditioner, unless an optimizer / preconditioner is given
-        (then that one, which the check compares with the training cache's)."""
-        train = typing.cast(GradientCache, self.train_cache)
-        if optimizer is None and preconditioner is None:
-            info = dict(train.manifest.get("precondition") or {"kind": "none"})
-            if train.preconditioner is None:
-                return None, {
-                    "kind": "none",
-                    **{k: v for k, v in info.items() if k.startswith("adam_scalars")},
-                }
-            info.update(train.precondition_info())
-            info.pop("file", None)
-            return dict(train.preconditioner), info
-        return resolve_preconditioner(cfg.precondition, model, named, optimizer, preconditioner, dist)
+    def _train_cache_entry(self) -> dict[str, Any]:
+        """The manifest's ``train_cache`` entry of a target-only collection (empty otherwise)."""
+        if self.train_cache is None:
+            return {}
+        return {"train_cache": {"fingerprint": self.train_cache.fingerprint(), "path": self.train_cache_path}}
 
-    def _check_train_cache(
-        self, projector: Projector, spec: OutputSpec, theta_fp: str, precondition: Mapping[str, Any]
-    ) -> None:
-        """Refuse a target collection whose θ*, projection, geometry or output function differ from the training
-        cache's (before any gradient is computed)."""
-        train = typing.cast(GradientCache, self.train_cache)
-        now = compatibility_fields(
-            {
-                "theta_fingerprint": theta_fp,
-                "projection": projector.manifest(),
-                "precondition": precondition,
-                "output_fn": spec.name,
-                "model_kind": spec.kind,
-                "prob_clamp": self.config.prob_clamp,
-                "collect_config": {"max_length": self.config.max_length},
-            }
-        )
-        check_compatible(
-            compatibility_fields(train.manifest), now, strict=True, what="this target collection"
-        )
+    def _plan(self, source: RowSource) -> tuple[RowPlan, str | None]:
+        """The rows to collect (the target's only against a training cache) and the target's training source."""
+        if self.train_cache is not None:
+            return plan_rows(source, splits=(SPLIT_TARGET,)), None
+        plan = plan_rows(source)
+        target_source = target_of(self.train_dataset)
+        if target_source is not None and target_source not in plan.sources:
+            raise ValueError(
+                f"target_source={target_source!r} is not among the collected sources {plan.sources}."
+            )
+        return plan, target_source
 
     def _row_source(self, spec: OutputSpec, tokenizer: Any, model: Any) -> RowSource:
         """The trainer's rows when bound to a trainer, else the collector's own."""

@@ -15,9 +15,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .cache import GradientCacheError
+import torch
 
-__all__ = ["TargetCacheMismatchError", "compatibility_fields", "check_compatible", "COMPAT_FIELDS"]
+from .cache import GradientCache, GradientCacheError
+
+__all__ = [
+    "TargetCacheMismatchError",
+    "compatibility_fields",
+    "check_compatible",
+    "check_collection",
+    "train_geometry",
+    "COMPAT_FIELDS",
+]
 
 
 class TargetCacheMismatchError(GradientCacheError):
@@ -125,3 +134,51 @@ def check_compatible(
         f"features are not comparable. Fix: {fix}.",
         field=name,
     )
+
+
+def train_geometry(
+    train: GradientCache,
+    config: Any,
+    model: Any,
+    named: list[tuple[str, torch.Tensor]],
+    optimizer: Any,
+    preconditioner: Mapping[str, torch.Tensor] | None,
+    dist: Any,
+) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
+    """The geometry of a target collected against ``train``: the training cache's stored preconditioner (and its
+    manifest entry), unless an optimizer / preconditioner is given (then that one, which :func:`check_collection`
+    compares with the training cache's)."""
+    from .precondition import resolve_preconditioner
+
+    if optimizer is None and preconditioner is None:
+        info = dict(train.manifest.get("precondition") or {"kind": "none"})
+        if train.preconditioner is None:
+            return None, {"kind": "none", **{k: v for k, v in info.items() if k.startswith("adam_scalars")}}
+        info.update(train.precondition_info())
+        info.pop("file", None)
+        return dict(train.preconditioner), info
+    return resolve_preconditioner(config.precondition, model, named, optimizer, preconditioner, dist)
+
+
+def check_collection(
+    train: GradientCache,
+    projection: Mapping[str, Any],
+    spec: Any,
+    theta_fingerprint: str,
+    precondition: Mapping[str, Any],
+    config: Any,
+) -> None:
+    """Refuse a target collection whose θ*, projection, geometry or output function differ from the training
+    cache's (called before any gradient is computed; ``strict``: the training cache must record each field)."""
+    now = compatibility_fields(
+        {
+            "theta_fingerprint": theta_fingerprint,
+            "projection": dict(projection),
+            "precondition": dict(precondition),
+            "output_fn": spec.name,
+            "model_kind": spec.kind,
+            "prob_clamp": config.prob_clamp,
+            "collect_config": {"max_length": config.max_length},
+        }
+    )
+    check_compatible(compatibility_fields(train.manifest), now, strict=True, what="this target collection")

@@ -40,6 +40,22 @@ MODULES = [
     ("hf_subset_select.collect.outputs", "output functions f (by name, or your own callable)"),
     ("hf_subset_select.collect.projection", "projectors (Rademacher, Gaussian, sparse JL, identity)"),
     ("hf_subset_select.collect.precondition", "Adam geometry: `adam_preconditioner`, `adam_step_scalars`"),
+    (
+        "hf_subset_select.collect.compat",
+        "`TargetCacheMismatchError`: which fields a training and a target cache must share",
+    ),
+    (
+        "hf_subset_select.estimate.targets",
+        "`MultiTargetEstimator`: several targets against one training cache (one solve for all)",
+    ),
+    (
+        "hf_subset_select.select.targets",
+        "`select_for_targets`, `MultiTargetSelection`: a sources × targets table, a selection per target",
+    ),
+    (
+        "hf_subset_select.estimate.uncertainty",
+        "confidence intervals: `subset_intervals`, `effect_intervals`, `combine_seeds` (projection seeds)",
+    ),
     ("hf_subset_select.estimate.solvers", "solvers behind one interface (`Solver`, fast and exact)"),
     ("hf_subset_select.estimate.regularization", "λ policies (fixed, trust radius, budget)"),
     ("hf_subset_select.select.base", "the `Selector` base class and the shared keep rule"),

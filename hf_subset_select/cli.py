@@ -1,4 +1,5 @@
-"""The ``hf-subset-select`` command: ``demo``, ``collect``, ``estimate``, ``select``, ``report``.
+"""The ``hf-subset-select`` command: ``demo``, ``collect``, ``estimate``, ``select``, ``report``, ``baselines``,
+``calibrate``, ``forward-check`` (the last three in :mod:`.cli_checks`).
 
 Each subcommand takes flags or ``--config FILE`` (YAML or JSON; flags override it), parsed with TRL's
 ``TrlParser`` (an ``HfArgumentParser``) into this package's config dataclasses. Fields of
@@ -50,9 +51,16 @@ def unprefixed(parsed: Any, cls: type, prefix: str) -> Any:
 
 
 def parse_dataclasses(
-    dataclass_types: Sequence[type], argv: Sequence[str] | None, prog: str, description: str
+    dataclass_types: Sequence[type],
+    argv: Sequence[str] | None,
+    prog: str,
+    description: str,
+    shared_config: bool = False,
 ) -> tuple[Any, ...]:
-    """Flags plus ``--config FILE`` (YAML/JSON) into instances of ``dataclass_types``."""
+    """Flags plus ``--config FILE`` (YAML/JSON) into instances of ``dataclass_types``.
+
+    ``shared_config``: keys of the config file that this command does not take are skipped (with a note), so that
+    the file of another command (e.g. ``recipes/configs/select.yaml``) serves this one too; flags stay strict."""
     from trl import TrlParser
 
     class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -69,7 +77,17 @@ def parse_dataclasses(
             )
     # TrlParser consumes --config itself; the argument above only documents it in --help and would come back
     # as one extra namespace, which is dropped here.
-    return tuple(parser.parse_args_and_config(args))[: len(dataclass_types)]
+    if not shared_config:
+        return tuple(parser.parse_args_and_config(args))[: len(dataclass_types)]
+    *parsed, from_config, from_flags = parser.parse_args_and_config(
+        args, return_remaining_strings=True, separate_remaining_strings=True
+    )
+    if from_flags:
+        raise CLIError(f"Unknown option(s) {from_flags}; see `{prog} --help`.")
+    skipped = [k[2:] for k in from_config[::2]]
+    if skipped:
+        print(f"{prog}: config keys not used by this command: {skipped}", file=sys.stderr)
+    return tuple(parsed)[: len(dataclass_types)]
 
 
 # --------------------------------------------------------------------------- subcommands
@@ -99,11 +117,17 @@ def _estimator_args() -> type:
     return prefixed_dataclass(EstimatorConfig, ESTIMATOR_PREFIX)
 
 
-def _estimator(cache: Any, parsed: Any) -> Any:
-    from .config import EstimatorConfig
-    from .estimate.estimator import FirstOrderEstimator
+def _estimator(cache: Any, parsed: Any, targets: Any = None) -> Any:
+    """A FirstOrderEstimator (the cache's target, or --target_cache), or a MultiTargetEstimator (--targets)."""
+    from .cli_targets import estimator_for
 
-    return FirstOrderEstimator(cache, unprefixed(parsed, EstimatorConfig, ESTIMATOR_PREFIX))
+    return estimator_for(cache, unprefixed(parsed, _estimator_config(), ESTIMATOR_PREFIX), targets)
+
+
+def _estimator_config() -> type:
+    from .config import EstimatorConfig
+
+    return EstimatorConfig
 
 
 @dataclass
@@ -117,42 +141,89 @@ class EstimateArguments:
         },
     )
     output: str | None = field(default=None, metadata={"help": "Also write the estimates as JSON here."})
+    interval_level: float | None = field(
+        default=None, metadata={"help": "Give each estimate a confidence interval at this level (e.g. 0.95)."}
+    )
 
 
 def cmd_estimate(argv: Sequence[str]) -> None:
-    """Estimated target loss after fine-tuning on each given subset (and the per-source losses)."""
-    from .io_utils import atomic_write_json
-    from .report import format_table
+    """Estimated target loss after fine-tuning on each given subset (and the per-source losses).
 
-    cache_args, est_args, est = parse_dataclasses(
-        [CacheArguments, EstimateArguments, _estimator_args()],
+    Use it to compare a few candidate mixtures by hand. With --interval_level every estimate gets a confidence
+    interval over the target rows; with --targets NAME=DIR ... it prints a subsets x targets table.
+    """
+    from .cli_targets import TargetArguments
+    from .io_utils import atomic_write_json
+    from .report import format_interval, format_table
+
+    cache_args, est_args, target_args, est = parse_dataclasses(
+        [CacheArguments, EstimateArguments, TargetArguments, _estimator_args()],
         argv,
         "hf-subset-select estimate",
         cmd_estimate.__doc__,
     )
-    estimator = _estimator(_load_cache(cache_args.cache), est)
+    estimator = _estimator(_load_cache(cache_args.cache), est, target_args)
     subsets = [[s.strip() for s in item.split(",") if s.strip()] for item in est_args.subsets]
     if not subsets:
         subsets = [[s] for s in estimator.sources] + [list(estimator.sources)]
     unknown = sorted({s for sub in subsets for s in sub} - set(estimator.sources))
     if unknown:
         raise CLIError(f"Unknown source(s) {unknown}; the cache's candidate sources are {estimator.sources}.")
-    losses = [float(x) for x in estimator.estimate(subsets)]
+    if hasattr(estimator, "for_target"):  # several targets: one column per target
+        table = estimator.estimate(subsets)
+        print(
+            format_table(
+                ["subset", *estimator.names],
+                [[",".join(sub), *row] for sub, row in zip(subsets, table.tolist())],
+            )
+        )
+        if est_args.output:
+            atomic_write_json(
+                est_args.output,
+                {
+                    "cache": cache_args.cache,
+                    "targets": dict(zip(estimator.names, target_args.targets)),
+                    "base_loss": estimator.base_loss(),
+                    "estimates": [
+                        {"subset": sub, "loss": dict(zip(estimator.names, row))}
+                        for sub, row in zip(subsets, table.tolist())
+                    ],
+                },
+            )
+            print(f"estimates written to {est_args.output}")
+        return
+    level = est_args.interval_level
+    intervals = estimator.estimate_intervals(subsets, level=level) if level else None
+    losses = [float(x) for x in (intervals.point if intervals is not None else estimator.estimate(subsets))]
     base = float(estimator.base_loss)
-    rows = [[",".join(sub), loss, loss - base] for sub, loss in zip(subsets, losses)]
+    bounds = (
+        [[float(a), float(b)] for a, b in zip(intervals.lower, intervals.upper)]
+        if intervals is not None
+        else None
+    )
+    rows = [
+        [",".join(sub), loss, loss - base] + ([format_interval(bounds[i])] if bounds else [])
+        for i, (sub, loss) in enumerate(zip(subsets, losses))
+    ]
     print(
         f"target loss at θ* (no change): {base:.4f}   λ = {estimator.resolved_l2():.4g} ({estimator.l2_rule} rule)"
     )
-    print(format_table(["subset", "estimated loss", "change"], rows))
+    ci = [f"{100 * level:g}% CI (target rows)"] if level else []
+    print(format_table(["subset", "estimated loss", "change", *ci], rows))
     if est_args.output:
         atomic_write_json(
             est_args.output,
             {
                 "cache": cache_args.cache,
+                "target_cache": target_args.target_cache,
                 "base_loss": base,
                 "l2": estimator.resolved_l2(),
                 "l2_rule": estimator.l2_rule,
-                "estimates": [{"subset": sub, "loss": loss} for sub, loss in zip(subsets, losses)],
+                "interval_level": level,
+                "estimates": [
+                    {"subset": sub, "loss": loss, **({"interval": bounds[i]} if bounds else {})}
+                    for i, (sub, loss) in enumerate(zip(subsets, losses))
+                ],
             },
         )
         print(f"estimates written to {est_args.output}")
@@ -166,19 +237,38 @@ class SelectArguments:
 
 
 def cmd_select(argv: Sequence[str]) -> None:
-    """Score every source from the gradient cache and write selection.json."""
+    """Score every source from the gradient cache and write selection.json.
+
+    The main command: which sources to keep for the target fine-tune. Add --interval_level 0.95 for confidence
+    intervals and --require_significant to keep only sources whose effect interval excludes 'no effect'. With
+    --targets NAME=DIR ... it selects for several targets at once (the output holds every target's selection, and
+    <output>.<target>.json each one's, for `report`).
+    """
+    from .cli_targets import TargetArguments
     from .config import SelectConfig
     from .select.registry import select_sources
 
-    cache_args, sel_args, select_config, est = parse_dataclasses(
-        [CacheArguments, SelectArguments, SelectConfig, _estimator_args()],
+    cache_args, sel_args, target_args, select_config, est = parse_dataclasses(
+        [CacheArguments, SelectArguments, TargetArguments, SelectConfig, _estimator_args()],
         argv,
         "hf-subset-select select",
         cmd_select.__doc__,
     )
     cache = _load_cache(cache_args.cache)
-    selection = select_sources(_estimator(cache, est), config=select_config)
+    estimator = _estimator(cache, est, target_args)
     os.makedirs(os.path.dirname(os.path.abspath(sel_args.output)), exist_ok=True)
+    if hasattr(estimator, "for_target"):
+        from .select.targets import select_for_targets
+
+        result = select_for_targets(estimator, config=select_config)
+        result.save(sel_args.output)
+        stem = sel_args.output[:-5] if sel_args.output.endswith(".json") else sel_args.output
+        for target, selection in result.selections.items():
+            selection.save(f"{stem}.{target}.json")
+        print(result)
+        print(f"selections written to {sel_args.output} (and {stem}.<target>.json)")
+        return
+    selection = select_sources(estimator, config=select_config)
     selection.save(sel_args.output)
     print(selection)
     print(f"selection written to {sel_args.output}")
@@ -200,7 +290,7 @@ def cmd_report(argv: Sequence[str]) -> None:
     """Write report.md and a per-source score plot for a selection (checked against its cache)."""
     import json
 
-    from .report import markdown_table, plot_source_scores, write_markdown
+    from .report import format_interval, markdown_table, plot_source_scores, write_markdown
     from .select.selection import SourceSelection
 
     cache_args, rep = parse_dataclasses(
@@ -215,29 +305,50 @@ def cmd_report(argv: Sequence[str]) -> None:
         with open(rep.roles, encoding="utf-8") as handle:
             roles = json.load(handle)
     os.makedirs(rep.output_dir, exist_ok=True)
+    intervals = selection.info.get("intervals") or {}
     plot = plot_source_scores(
         {s: selection.scores[s] for s in selection.ranking},
         os.path.join(rep.output_dir, "source_scores.png"),
         roles=roles,
         selected=selection.selected,
+        intervals=intervals.get("scores"),
     )
+    effects = selection.info.get("effects") or {}
     rows = [
-        [
-            s,
-            selection.scores[s],
+        [s, selection.scores[s]]
+        + ([format_interval(intervals["scores"].get(s))] if intervals else [])
+        + ([effects.get(s, float("nan"))] if effects else [])
+        + ([format_interval(intervals["effects"].get(s))] if intervals else [])
+        + [
             "kept" if s in selection.selected else "dropped",
             selection.weights.get(s, 0.0),
         ]
         + ([roles.get(s, "?")] if roles else [])
         for s in selection.ranking
     ]
-    headers = ["source", "score", "decision", "weight"] + (["role"] if roles else [])
+    level = f"{100 * float(intervals['level']):g}% CI" if intervals else ""
+    headers = (
+        ["source", "score"]
+        + ([f"score {level}"] if intervals else [])
+        + (["effect"] if effects else [])
+        + ([f"effect {level}"] if intervals else [])
+        + ["decision", "weight"]
+        + (["role"] if roles else [])
+    )
+    note = (
+        f"\n\nIntervals: {intervals.get('method', 'bootstrap')}, {intervals.get('samples')} replicates; a source whose "
+        "effect interval lies below 0 improves the target loss beyond what the sampled subsets and target rows "
+        f"explain ({', '.join(intervals.get('significant', [])) or 'none'})."
+        if intervals
+        else ""
+    )
     sections = [
         (
             "Selection",
             f"method `{selection.method}`, cache `{cache_args.cache}` ({cache.num_examples} rows, "
             f"d = {cache.dim}); target source: `{selection.target_source}`.\n\n"
-            + markdown_table(headers, rows),
+            + markdown_table(headers, rows)
+            + note,
         ),
     ]
     if plot:
@@ -282,17 +393,37 @@ class CollectArguments:
         },
     )
 
+    train_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "Collect only --target_eval_file against this existing training cache (same θ*, projection, "
+            "geometry and output function, checked): a new target costs its own rows. Settings not given are "
+            "taken from the training cache; given ones must match it. No --train_files then."
+        },
+    )
+
     def __post_init__(self) -> None:
         if not self.meta_init:
             raise CLIError("--meta_init is required: the directory MetaInitCallback wrote.")
-        if not self.train_files or not self.target_eval_file:
-            raise CLIError("--train_files NAME=PATH ... and --target_eval_file PATH are required.")
+        if self.train_cache and self.train_files:
+            raise CLIError(
+                "Pass either --train_files (collect the pool and the target) or --train_cache (the target only)."
+            )
+        if not (self.train_files or self.train_cache) or not self.target_eval_file:
+            raise CLIError(
+                "--target_eval_file PATH and either --train_files NAME=PATH ... or --train_cache DIR are required."
+            )
 
 
 def cmd_collect(argv: Sequence[str]) -> None:
-    """Collect per-example projected gradients at θ* (a meta-init directory) into a gradient cache."""
+    """Collect per-example projected gradients at θ* (a meta-init directory) into a gradient cache.
+
+    Run it once per θ*: it is the expensive step. For a new target against an existing training cache, pass
+    --train_cache DIR instead of --train_files: only the target's rows are computed.
+    """
+    from .cli_targets import load_theta, target_only_config
     from .collect.collector import GradientCollector
-    from .collect.meta_init import load_meta_init, read_meta_init_manifest
+    from .collect.meta_init import read_meta_init_manifest
     from .config import CollectConfig
     from .data.sources import load_dataset_file, parse_source_specs, tag_sources, tag_target_eval
 
@@ -302,25 +433,24 @@ def cmd_collect(argv: Sequence[str]) -> None:
     if not config.output_dir:
         raise CLIError("--output_dir is required: where the gradient cache goes.")
     manifest = read_meta_init_manifest(args.meta_init)
-    sources = parse_source_specs(args.train_files)
-    target = args.target_source or manifest.get("target_source")
-    if target is not None and target not in sources:
-        raise CLIError(f"target_source {target!r} is not among --train_files {sorted(sources)}.")
-    train = tag_sources(sources, target=target)
+    train = None
+    if args.train_cache:
+        config = target_only_config(args.train_cache, config)
+    else:
+        sources = parse_source_specs(args.train_files)
+        target = args.target_source or manifest.get("target_source")
+        if target is not None and target not in sources:
+            raise CLIError(f"target_source {target!r} is not among --train_files {sorted(sources)}.")
+        train = tag_sources(sources, target=target)
     target_eval = tag_target_eval(load_dataset_file(args.target_eval_file), name=args.target_eval_name)
     tokenizer = _load_tokenizer(args, manifest)
-    base = None
-    if manifest["kind"] == "peft":
-        import transformers
-
-        path = args.base_model or manifest.get("base_model_name_or_path")
-        cls = getattr(transformers, manifest.get("model_class", ""), transformers.AutoModelForCausalLM)
-        if not path or not os.path.exists(path):
-            raise CLIError(f"θ* is a PEFT adapter: pass --base_model (the manifest names {path!r}).")
-        base = cls.from_pretrained(path)
-    model = load_meta_init(args.meta_init, base_model=base)
+    model = load_theta(args.meta_init, args.base_model, manifest)
     collector = GradientCollector(
-        config, train_dataset=train, target_dataset=target_eval, tokenizer=tokenizer
+        config,
+        train_dataset=train,
+        target_dataset=target_eval,
+        tokenizer=tokenizer,
+        train_cache=args.train_cache,
     )
     cache = collector.collect(model, tokenizer, output_dir=config.output_dir)
     print(f"{cache} written to {config.output_dir}")
@@ -360,18 +490,31 @@ def cmd_demo(argv: Sequence[str]) -> None:
     run_demo(DemoConfig(output_dir=args.output_dir, scale=args.scale, seed=args.seed))
 
 
-COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
-    "demo": cmd_demo,
-    "collect": cmd_collect,
-    "estimate": cmd_estimate,
-    "select": cmd_select,
-    "report": cmd_report,
-}
+def _commands() -> dict[str, Callable[[Sequence[str]], None]]:
+    from .cli_checks import cmd_baselines, cmd_calibrate, cmd_forward_check
+
+    return {
+        "demo": cmd_demo,
+        "collect": cmd_collect,
+        "estimate": cmd_estimate,
+        "select": cmd_select,
+        "report": cmd_report,
+        "baselines": cmd_baselines,
+        "calibrate": cmd_calibrate,
+        "forward-check": cmd_forward_check,
+    }
+
+
+def __getattr__(name: str) -> Any:
+    if name == "COMMANDS":  # the subcommands by name (built on use: cli_checks imports this module)
+        return _commands()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _usage() -> str:
     from . import __version__
 
+    COMMANDS = _commands()
     lines = [
         f"usage: hf-subset-select {{{','.join(COMMANDS)}}} [options]   (hf-subset-select {__version__})",
         "",
@@ -379,7 +522,7 @@ def _usage() -> str:
         "",
         "commands:",
     ]
-    lines += [f"  {name:<9} {(fn.__doc__ or '').strip().splitlines()[0]}" for name, fn in COMMANDS.items()]
+    lines += [f"  {name:<13} {(fn.__doc__ or '').strip().splitlines()[0]}" for name, fn in COMMANDS.items()]
     lines += ["", "Run `hf-subset-select COMMAND --help` for a command's options."]
     return "\n".join(lines)
 
@@ -397,6 +540,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hf-subset-select {__version__}")
         return 0
     command, rest = args[0], args[1:]
+    COMMANDS = _commands()
     if command not in COMMANDS:
         print(
             f"hf-subset-select: error: unknown command {command!r}; choose one of {list(COMMANDS)}.",

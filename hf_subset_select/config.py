@@ -19,14 +19,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import numbers
 import os
-import types
-import typing
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
+from .config_types import check_types as _check_types
 from .io_utils import atomic_write_text, read_json
 
 T = TypeVar("T", bound="ConfigMixin")
@@ -123,57 +121,6 @@ class ConfigMixin:
             return cls.from_dict(data)
         except ConfigError as exc:
             raise ConfigError(f"{path!r}: {exc}") from None
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return f"one of {list(typing.get_args(tp))}"
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return "null"
-    if typing.get_origin(tp) in (list, tuple):
-        item = typing.get_args(tp)[0]
-        return "a list of " + {bool: "booleans", int: "integers", float: "numbers", str: "strings"}.get(
-            item, "items"
-        )
-    return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}.get(
-        tp, str(tp)
-    )
-
-
-def _matches(value: Any, tp: Any) -> bool:
-    """Whether a JSON value fits a field annotation (no bool for a number; an int is a valid float)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, a) for a in typing.get_args(tp))
-    if origin is Literal:  # the type only: __post_init__ checks the value (registered extensions included)
-        return any(isinstance(value, type(c)) and not isinstance(value, bool) for c in typing.get_args(tp))
-    if origin in (list, tuple):
-        return isinstance(value, (list, tuple)) and all(_matches(v, typing.get_args(tp)[0]) for v in value)
-    if tp is type(None):
-        return value is None
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    if tp is str:
-        return isinstance(value, str)
-    return True  # Any or an annotation this checker does not know
-
-
-def _check_types(cls: type, values: dict[str, Any]) -> None:
-    """Raise :class:`ConfigError` for the first value that does not fit its field's annotation."""
-    hints = typing.get_type_hints(cls)
-    for name, value in values.items():
-        tp = hints.get(name, Any)
-        if not _matches(value, tp):
-            raise ConfigError(
-                f"{cls.__name__}.{name} must be {_type_name(tp)}, got {value!r:.60}. Fix the value in the config "
-                "file (or dict) and load it again."
-            )
 
 
 def _choice(default: str, choices: tuple[str, ...], help: str) -> Any:
@@ -582,7 +529,22 @@ class SelectConfig(ConfigMixin):
             "target's data alone. None: keep every estimated improvement. 1.64: a one-sided test at the 0.95 level."
         },
     )
-    seed: int = field(default=0, metadata={"help": "Seed for the random subsets."})
+    interval_level: float | None = field(
+        default=None,
+        metadata={
+            "help": "Confidence intervals at this level (e.g. 0.95) on every score and effect of our methods: a "
+            "bootstrap over the sampled subsets and the target rows (docs/uncertainty.md). None: none."
+        },
+    )
+    bootstrap_samples: int = field(default=1000, metadata={"help": "Bootstrap replicates of the intervals."})
+    require_significant: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep a source only if its effect interval excludes 'no effect' on the helpful side (upper "
+            "bound below 0; forward: each step), on top of the keep rule. Needs interval_level."
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "Seed for the random subsets (and the bootstrap)."})
     temperature: float = field(
         default=1.0,
         metadata={"help": "Softmax temperature turning standardized scores into sampling weights."},
@@ -591,6 +553,14 @@ class SelectConfig(ConfigMixin):
     def __post_init__(self) -> None:
         self._check_choices()
         _check_positive("num_subsets", self.num_subsets)
+        if self.interval_level is not None and not 0.0 < self.interval_level < 1.0:
+            raise ConfigError(
+                f"interval_level must lie in (0, 1) (e.g. 0.95) or be None, got {self.interval_level!r}."
+            )
+        if self.bootstrap_samples < 20 or (self.require_significant and self.interval_level is None):
+            raise ConfigError(
+                "bootstrap_samples must be >= 20, and require_significant=True needs interval_level."
+            )
         if not 0.0 < self.subset_ratio < 1.0:
             raise ConfigError(f"subset_ratio must lie in (0, 1), got {self.subset_ratio!r}.")
         _check_positive("top_k", self.top_k, allow_none=True)

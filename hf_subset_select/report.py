@@ -15,7 +15,14 @@ from accelerate.logging import get_logger
 
 from .io_utils import atomic_write_text
 
-__all__ = ["format_table", "markdown_table", "plot_source_scores", "plot_estimate_vs_true", "write_markdown"]
+__all__ = [
+    "format_table",
+    "markdown_table",
+    "plot_source_scores",
+    "plot_estimate_vs_true",
+    "write_markdown",
+    "format_interval",
+]
 
 logger = get_logger(__name__)
 
@@ -28,6 +35,13 @@ def _fmt(value: Any, digits: int = 4) -> str:
             return "nan"
         return f"{value:.{digits}f}"
     return str(value)
+
+
+def format_interval(bounds: Sequence[float] | None, digits: int = 4) -> str:
+    """``[lower, upper]`` as text ("-" when there is none)."""
+    if not bounds:
+        return "-"
+    return f"[{_fmt(float(bounds[0]), digits)}, {_fmt(float(bounds[1]), digits)}]"
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 4) -> str:
@@ -68,8 +82,10 @@ def plot_source_scores(
     selected: Sequence[str] | None = None,
     title: str = "Per-source scores (lower estimated target loss = better)",
     ylabel: str = "score",
+    intervals: Mapping[str, Sequence[float]] | None = None,
 ) -> str | None:
-    """Bar chart of per-source scores, coloured by ground-truth role when given; kept sources marked."""
+    """Bar chart of per-source scores, coloured by ground-truth role when given; kept sources marked; with
+    ``intervals`` (``{source: [lower, upper]}``, e.g. ``selection.info["intervals"]["scores"]``) as error bars."""
     plt = _pyplot()
     if plt is None:
         return None
@@ -78,11 +94,17 @@ def plot_source_scores(
     colours = [ROLE_COLOURS.get((roles or {}).get(n, ""), "#495057") for n in names]
     fig, ax = plt.subplots(figsize=(max(5.0, 0.8 * len(names) + 2), 3.6))
     bars = ax.bar(range(len(names)), values, color=colours)
+    bounds: list[float] = []
+    if intervals:
+        lo = [values[i] - intervals[n][0] if n in intervals else 0.0 for i, n in enumerate(names)]
+        hi = [intervals[n][1] - values[i] if n in intervals else 0.0 for i, n in enumerate(names)]
+        ax.errorbar(range(len(names)), values, yerr=[lo, hi], fmt="none", ecolor="black", capsize=3, lw=1)
+        bounds = [b for n in names if n in intervals for b in intervals[n] if not math.isnan(b)]
     for bar, name in zip(bars, names):
         if selected is not None and name in selected:
             bar.set_edgecolor("black")
             bar.set_linewidth(2.0)
-    finite = [v for v in values if not math.isnan(v)]
+    finite = [v for v in values if not math.isnan(v)] + bounds
     if finite:  # scores differ by little against their size: zoom on their range instead of starting at 0
         lo, hi = min(finite), max(finite)
         pad = 0.15 * (hi - lo or abs(hi) or 1.0)

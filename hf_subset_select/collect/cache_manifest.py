@@ -77,6 +77,7 @@ _OPTIONAL = {
     "base_model_name_or_path": optional(string()),
     "world_size": integer(1),
     "grad_method": string(),
+    "train_cache": obj({"fingerprint": string(nonempty=True)}, {"path": optional(string())}),
     "meta_init": obj(
         {}, {"path": optional(string()), "fingerprint": optional(string()), "matches_theta": boolean()}
     ),

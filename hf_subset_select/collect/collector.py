@@ -16,6 +16,18 @@ projected, so the estimate works in AdamW's geometry (docs/method.md, "Adam geom
 the cache. Either way, when the optimizer has Adam state, the manifest records AdamW's step size in a few numbers
 (``precondition.adam_scalars``) for the estimator's budget rule.
 
+**A new target against an existing training cache.** Collecting the training pool is the expensive part; a new
+target costs only its own rows with ``train_cache=``::
+
+    collector = GradientCollector(target_dataset=new_target_eval, tokenizer=tok, train_cache="grad_cache")
+    target_cache = collector.collect(model, output_dir="grad_cache_new_target")   # target rows only
+    est = FirstOrderEstimator(GradientCache.load("grad_cache"), target=target_cache)
+
+The collection settings default to the training cache's (its manifest's ``collect_config``); before any gradient
+is computed, θ* (its fingerprint), the projection, the geometry (the training cache's stored preconditioner is
+reused) and the output function are checked against the training cache's manifest, and a difference is refused with
+:class:`~.compat.TargetCacheMismatchError` naming the field and the fix (:mod:`.compat`).
+
 The collector only wires the pieces: :mod:`.rows` orders and encodes the examples, :mod:`.engine` computes the
 cache columns, and :mod:`.store` owns the directory (shards, resume, reuse, refusal with
 :class:`~.store.CollectionMismatchError`, the merge). Each process of a distributed run computes every k-th shard.
@@ -37,7 +49,8 @@ from ..config import CollectConfig
 from ..data.sources import target_of
 from ..faults import kill_point
 from ..io_utils import fingerprint_tensors, read_json
-from .cache import GradientCache
+from .cache import SPLIT_TARGET, GradientCache
+from .compat import TargetCacheMismatchError, check_collection, train_geometry
 from .distributed import DistState, dist_state
 from .engine import GradientEngine, base_config, pad_token_id
 from .outputs import OutputSpec, resolve_output_fn
@@ -49,7 +62,12 @@ from .selfcheck import CollectionSelfCheckError, self_check
 from .store import CollectionMismatchError, GradientStore, collection_key
 from .trainer_rows import TrainerRows
 
-__all__ = ["GradientCollector", "CollectionMismatchError", "CollectionSelfCheckError"]
+__all__ = [
+    "GradientCollector",
+    "CollectionMismatchError",
+    "CollectionSelfCheckError",
+    "TargetCacheMismatchError",
+]
 
 logger = get_logger(__name__)
 
@@ -67,6 +85,10 @@ class GradientCollector(TrainerCallback):
         tokenizer: used to encode raw examples; in a Trainer the callback's ``processing_class`` is used when
             this is None.
         output_fn: optional callable ``fn(model_output, batch) -> Tensor[B]`` replacing ``config.output_fn``.
+        train_cache: an existing training cache (a directory or a :class:`GradientCache`): collect only the
+            target rows, with the same θ*, projection, geometry and output function (checked, see the module doc);
+            then leave ``train_dataset`` out, and ``config`` None to take the training cache's settings. The result
+            is a target-only cache (no training rows) for ``FirstOrderEstimator(train, target=...)``.
 
     As a callback of ``SubsetSelectTrainer`` / ``SubsetSelectSFTTrainer`` the collector is bound to the trainer
     (:meth:`bind_trainer`) and collects the rows the trainer trains on: its processed ``train_dataset``, and the
@@ -85,11 +107,27 @@ class GradientCollector(TrainerCallback):
         tokenizer: Any = None,
         *,
         output_fn: Callable[[Any, Mapping[str, torch.Tensor]], torch.Tensor] | None = None,
+        train_cache: str | os.PathLike | GradientCache | None = None,
     ) -> None:
+        self.train_cache: GradientCache | None = None
+        self.train_cache_path: str | None = None
+        if train_cache is not None:
+            if train_dataset is not None:
+                raise ValueError(
+                    "Pass either train_dataset= (collect the training pool and the target) or train_cache= (collect "
+                    "only the target against an existing training cache), not both."
+                )
+            if isinstance(train_cache, GradientCache):
+                self.train_cache = train_cache
+            else:
+                self.train_cache_path = os.fspath(train_cache)
+                self.train_cache = GradientCache.load(self.train_cache_path)
+            if config is None:
+                config = _config_of(self.train_cache)
         self.config = config if config is not None else CollectConfig()
         if not isinstance(self.config, CollectConfig):
             raise TypeError(f"config must be a CollectConfig, got {type(self.config).__name__}.")
-        if train_dataset is None:
+        if train_dataset is None and self.train_cache is None:
             raise ValueError(
                 "GradientCollector needs train_dataset= (every training example of every source, tagged with "
                 "tag_sources) to know which examples to collect."
@@ -111,6 +149,11 @@ class GradientCollector(TrainerCallback):
     # ------------------------------------------------------------------ Trainer hooks
     def bind_trainer(self, trainer: Any) -> None:
         """Collect the rows ``trainer`` trains on (called by ``SubsetSelectTrainerMixin``; see the class doc)."""
+        if self.train_cache is not None:
+            raise ValueError(
+                "A target-only collector (train_cache=...) runs standalone: call collector.collect(model, ...) on "
+                "θ* (load_meta_init) instead of passing it to a Trainer as a callback."
+            )
         self.trainer = trainer
 
     def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
@@ -137,14 +180,13 @@ class GradientCollector(TrainerCallback):
         optimizer: Any = None,
         preconditioner: Mapping[str, torch.Tensor] | None = None,
     ) -> GradientCache:
-        """Run the collection pass on ``model`` (θ*) and return the merged :class:`GradientCache`.
-
-        Every process of a distributed run must call this. Returns the cache on every process.
+        """Run the collection pass on ``model`` (θ*) and return the merged :class:`GradientCache` (on every process;
+        every process of a distributed run must call this).
 
         Args:
-            optimizer: the meta-training optimizer (torch Adam/AdamW, possibly wrapped by accelerate); with
-                ``config.precondition`` "auto" or "adam" its preconditioner scales the gradients. The Trainer
-                callback passes the Trainer's optimizer.
+            optimizer: the meta-training optimizer (torch Adam/AdamW, possibly wrapped by accelerate; the Trainer
+                callback passes it); with ``config.precondition`` "auto" or "adam" its preconditioner scales the
+                gradients.
             preconditioner: an explicit feature scale ``{name: tensor}`` per trainable parameter instead of
                 ``optimizer`` (recorded as kind "custom").
 
@@ -155,6 +197,7 @@ class GradientCollector(TrainerCallback):
             PreconditionerError: ``config.precondition="adam"`` and the optimizer has no Adam state.
             CollectionSelfCheckError: the cached outputs of the sampled rows differ from the model's own forward
                 pass on the rows the trainer trains on (``config.self_check``).
+            TargetCacheMismatchError: with ``train_cache``, θ*, the projection, geometry or output function differ.
         """
         cfg = self.config
         output_dir = os.fspath(output_dir or cfg.output_dir or "")
@@ -162,9 +205,7 @@ class GradientCollector(TrainerCallback):
             raise ValueError("Pass output_dir= to collect() or set CollectConfig(output_dir=...).")
         tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor wraps its tokenizer
-        dist = dist_state()
-        start_time = time.perf_counter()
-
+        dist, start_time = dist_state(), time.perf_counter()
         spec = resolve_output_fn(model, self.output_fn or cfg.output_fn, prob_clamp=cfg.prob_clamp)
         named = trainable_parameters(model)
         check_not_sharded(model, named)
@@ -177,17 +218,18 @@ class GradientCollector(TrainerCallback):
             chunk_size=cfg.proj_chunk_size,
             cache_mb=cfg.proj_cache_mb,
         )
-        scale, precondition = resolve_preconditioner(
-            cfg.precondition, model, named, optimizer, preconditioner, dist
-        )
-        source = self._row_source(spec, tokenizer, model)
-        plan = plan_rows(source)
-        target_source = target_of(self.train_dataset)
-        if target_source is not None and target_source not in plan.sources:
-            raise ValueError(
-                f"target_source={target_source!r} is not among the collected sources {plan.sources}."
-            )
         theta_fp = fingerprint_tensors(named)
+        if self.train_cache is not None:  # a target-only collection: the training cache's geometry, checked
+            scale, precondition = train_geometry(
+                self.train_cache, cfg, model, named, optimizer, preconditioner, dist
+            )
+            check_collection(self.train_cache, projector.manifest(), spec, theta_fp, precondition, cfg)
+        else:
+            scale, precondition = resolve_preconditioner(
+                cfg.precondition, model, named, optimizer, preconditioner, dist
+            )
+        source = self._row_source(spec, tokenizer, model)
+        plan, target_source = self._plan(source)
         key = self._key(projector, spec, theta_fp, plan, precondition)
         store = GradientStore(
             output_dir,
@@ -219,6 +261,7 @@ class GradientCollector(TrainerCallback):
         computed = sum(len(store.shard_rows(i)) for i in mine)
         manifest = self._manifest(projector, spec, theta_fp, model, plan, dist, engine.method_used)
         manifest["precondition"] = precondition
+        manifest.update(self._train_cache_entry())
         manifest["collection_stats"] = {
             "examples_computed_main_process": computed,
             "examples_reused_from_shards": reused,
@@ -278,12 +321,32 @@ class GradientCollector(TrainerCallback):
             "shard_size": cfg.shard_size,
             "representations": cfg.representations,
         }
+        if self.train_cache is not None:  # a target-only collection: tied to its training cache
+            settings["train_cache_fingerprint"] = self.train_cache.fingerprint()
         return collection_key(settings, plan.key_entries(), precondition)
+
+    def _train_cache_entry(self) -> dict[str, Any]:
+        """The manifest's ``train_cache`` entry of a target-only collection (empty otherwise)."""
+        if self.train_cache is None:
+            return {}
+        return {"train_cache": {"fingerprint": self.train_cache.fingerprint(), "path": self.train_cache_path}}
+
+    def _plan(self, source: RowSource) -> tuple[RowPlan, str | None]:
+        """The rows to collect (the target's only against a training cache) and the target's training source."""
+        if self.train_cache is not None:
+            return plan_rows(source, splits=(SPLIT_TARGET,)), None
+        plan = plan_rows(source)
+        target_source = target_of(self.train_dataset)
+        if target_source is not None and target_source not in plan.sources:
+            raise ValueError(
+                f"target_source={target_source!r} is not among the collected sources {plan.sources}."
+            )
+        return plan, target_source
 
     def _row_source(self, spec: OutputSpec, tokenizer: Any, model: Any) -> RowSource:
         """The trainer's rows when bound to a trainer, else the collector's own."""
         max_length = self.config.max_length
-        if self.trainer is not None:
+        if self.trainer is not None and self.train_cache is None:
             return TrainerRows(
                 self.trainer, self.train_dataset, self.target_dataset, max_length, spec.kind, tokenizer
             )
@@ -374,6 +437,19 @@ class GradientCollector(TrainerCallback):
                 "matches_theta": meta[1].get("fingerprint") == theta_fp,
             }
         return manifest
+
+
+def _config_of(cache: GradientCache) -> CollectConfig:
+    """The CollectConfig a cache was collected with (its manifest's result fields; runtime fields at defaults)."""
+    recorded = cache.manifest.get("collect_config")
+    if not isinstance(recorded, dict):
+        raise TargetCacheMismatchError(
+            "The training cache's manifest has no 'collect_config' (it was not written by GradientCollector), so "
+            "the target's collection settings cannot be taken from it. Pass config=CollectConfig(...) with the "
+            "settings the training cache was collected with.",
+            field="collect_config",
+        )
+    return CollectConfig.from_dict(recorded)
 
 
 def _name_or_path(model: Any) -> str | None:

@@ -133,8 +133,10 @@ class RowPlan:
         return [(r.split, r.example_id, self.sources[r.source_index], r.digest) for r in self.rows]
 
 
-def plan_rows(source: RowSource) -> RowPlan:
+def plan_rows(source: RowSource, splits: tuple[int, ...] = (SPLIT_TRAIN, SPLIT_TARGET)) -> RowPlan:
     """Order the tagged rows of both splits, encode each once, drop (and count) rows without supervision.
+
+    ``splits=(SPLIT_TARGET,)`` plans the target rows only (a target collected against an existing training cache).
 
     Raises:
         BookkeepingColumnsError: a split is not tagged (no ``source`` / ``example_id`` column).
@@ -143,7 +145,7 @@ def plan_rows(source: RowSource) -> RowPlan:
     """
     sources: list[str] = []
     items: list[tuple[int, int, int, int]] = []
-    for split in (SPLIT_TRAIN, SPLIT_TARGET):
+    for split in splits:
         dataset = source.dataset(split)
         for row, (name, ex_id) in enumerate(
             zip(column(dataset, SOURCE_COLUMN), column(dataset, EXAMPLE_ID_COLUMN))
@@ -168,7 +170,7 @@ def plan_rows(source: RowSource) -> RowPlan:
             plan.skipped_ids.append(ex_id)
             continue
         plan.rows.append(PlannedRow(split, ex_id, src, row, content_digest(encoded)))
-    _check_supervised(plan, items)
+    _check_supervised(plan, items, splits)
     return plan
 
 
@@ -178,12 +180,18 @@ _MASKED_FIX = (
 )
 
 
-def _check_supervised(plan: RowPlan, items: list[tuple[int, int, int, int]]) -> None:
+def _check_supervised(
+    plan: RowPlan,
+    items: list[tuple[int, int, int, int]],
+    splits: tuple[int, ...] = (SPLIT_TRAIN, SPLIT_TARGET),
+) -> None:
     """Every split has rows, and every split and training source keeps at least one supervised row."""
     for split, what, fix in (
         (SPLIT_TRAIN, "training data", "tag_sources({...}) with non-empty sources"),
         (SPLIT_TARGET, "target evaluation split", "tag_target_eval(dataset) on a non-empty split"),
     ):
+        if split not in splits:
+            continue
         given = [t for t in items if t[0] == split]
         if not given:
             raise DataInputError(f"The {what} is empty; pass {fix}.")

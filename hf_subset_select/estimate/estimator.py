@@ -15,6 +15,7 @@ over the target rows, with a step scale s (1 unless calibrated).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -57,7 +58,10 @@ class FirstOrderEstimator:
         cache: a :class:`~hf_subset_select.GradientCache` with training rows and a target split.
         config: an :class:`~hf_subset_select.EstimatorConfig` (default: all defaults); use
             ``dataclasses.replace(config, field=value)`` for a variant.
-        target: evaluate on the target rows of this other cache instead (same projection and d).
+        target: evaluate on the target rows of this other cache instead (a :class:`GradientCache` or its
+            directory), e.g. one collected with ``GradientCollector(target_dataset=..., train_cache=...)``: the
+            same θ*, projection, geometry and output function are required (refused with
+            :class:`~hf_subset_select.collect.compat.TargetCacheMismatchError` naming the field otherwise).
         solver: a :class:`~hf_subset_select.estimate.solvers.Solver` to use instead of ``config.solver``.
         l2_policy: an :class:`~hf_subset_select.estimate.regularization.L2Policy` to use instead of the
             config's λ rule (then leave ``config.l2`` unset).
@@ -78,7 +82,7 @@ class FirstOrderEstimator:
         cache: GradientCache,
         config: EstimatorConfig | None = None,
         *,
-        target: GradientCache | None = None,
+        target: GradientCache | str | os.PathLike | None = None,
         solver: Solver | None = None,
         l2_policy: L2Policy | None = None,
     ) -> None:
@@ -102,8 +106,11 @@ class FirstOrderEstimator:
                 f"Both config.l2={config.l2!r} and an l2_policy were given; set only one of them (the config's l2 "
                 "is a fixed λ)."
             )
+        if target is not None and not isinstance(target, GradientCache):
+            target = GradientCache.load(target)
         self.config = config
         self.cache = cache
+        self.target_cache: GradientCache = cache if target is None else target
         self.problem = LinearizedProblem(cache, config, target=target)
         self.solver = solver
         self.l2_policy = l2_policy
@@ -259,6 +266,27 @@ class FirstOrderEstimator:
         loss = per_example.mean(1)
         groups = {name: per_example[:, idx].mean(1) for name, idx in self.problem.target_groups.items()}
         return Estimate(loss, per_example, groups, w, self.problem.names(m))
+
+    def estimate_intervals(
+        self,
+        subsets: Any,
+        *,
+        level: float = 0.95,
+        samples: int = 1000,
+        seed: int = 0,
+        solver: str | None = None,
+    ) -> Any:
+        """Estimated target loss of each subset with a confidence interval over the target rows (they are a sample
+        of the target task; bootstrap, percentile-t: :func:`~hf_subset_select.estimate.uncertainty.subset_intervals`).
+
+        Returns:
+            An :class:`~hf_subset_select.estimate.uncertainty.Intervals`: ``point`` (= :meth:`estimate`),
+            ``lower`` and ``upper``, each of shape (num_subsets,).
+        """
+        from .uncertainty import subset_intervals
+
+        rows = self.estimate(subsets, details=True, solver=solver).per_example
+        return subset_intervals(rows, level=level, samples=samples, seed=seed)
 
     def fitted_steps(self, subsets: Any, *, solver: str | None = None) -> torch.Tensor:
         """ŵ_S (times the step scale) for each subset, shape (B, d): the parameter change is P·ŵ_S."""

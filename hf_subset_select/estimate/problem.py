@@ -45,19 +45,18 @@ class SourceStatistics:
 
 
 def _check_target_cache(cache: GradientCache, target: GradientCache) -> None:
-    """Refuse a target cache whose features are not comparable with the training cache's."""
+    """Refuse a target cache whose features are not comparable with the training cache's: another dimension, or
+    another θ*, projection, geometry or output function where both manifests record it
+    (:class:`~hf_subset_select.collect.compat.TargetCacheMismatchError`, naming the field)."""
+    from ..collect.compat import TargetCacheMismatchError, check_compatible, compatibility_fields
+
     target.validate()
     if target.dim != cache.dim:
-        raise ValueError(
+        raise TargetCacheMismatchError(
             f"Dimension mismatch: the training cache has d={cache.dim} but the target cache has "
-            f"d={target.dim}. Collect both with the same CollectConfig (proj_dim, proj_type, seed)."
-        )
-    p_train, p_target = cache.manifest.get("projection"), target.manifest.get("projection")
-    if p_train is not None and p_target is not None and p_train != p_target:
-        raise ValueError(
-            f"The two caches used different projections ({p_train} vs {p_target}); their "
-            "gradients are not comparable. Re-collect the target with the training cache's "
-            "CollectConfig."
+            f"d={target.dim}. Collect the target against the training cache: "
+            "GradientCollector(target_dataset=..., train_cache=<training cache>).",
+            field="dim",
         )
     geometry = [
         {
@@ -67,12 +66,20 @@ def _check_target_cache(cache: GradientCache, target: GradientCache) -> None:
         }
         for c in (cache, target)
     ]
-    if geometry[0] != geometry[1]:
-        raise ValueError(
+    if (cache.preconditioner is None) != (target.preconditioner is None) and geometry[0] == geometry[1]:
+        geometry = [
+            c.precondition_info() for c in (cache, target)
+        ]  # caches built by hand: compare the tensors
+    if geometry[0].get("kind") != geometry[1].get("kind") or geometry[0].get("sha256") != geometry[1].get(
+        "sha256"
+    ):
+        raise TargetCacheMismatchError(
             f"The two caches scaled their gradients differently (precondition {geometry[0]} vs "
-            f"{geometry[1]}); their features are not comparable. Collect the target at the same θ* with "
-            "the same CollectConfig.precondition and optimizer state as the training cache."
+            f"{geometry[1]}); their features are not comparable. Collect the target against the training cache "
+            "(GradientCollector(target_dataset=..., train_cache=...) reuses its stored preconditioner).",
+            field="precondition",
         )
+    check_compatible(compatibility_fields(cache.manifest), compatibility_fields(target.manifest))
 
 
 class LinearizedProblem:

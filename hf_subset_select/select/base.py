@@ -30,12 +30,15 @@ class SelectorScores:
         default_keep: the sources kept when ``SelectConfig`` sets neither ``top_k`` nor ``threshold``.
         order: candidates from best to worst, which ``top_k`` keeps a prefix of. None: sorted by score.
         info: method details stored in ``SourceSelection.info``.
+        significant: the sources whose effect interval excludes "no effect" on the helpful side (computed when
+            ``SelectConfig.interval_level`` is set); ``require_significant`` keeps only these. None: no intervals.
     """
 
     scores: torch.Tensor
     default_keep: list[str]
     order: list[str] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    significant: list[str] | None = None
 
 
 def best_first(names: list[str], scores: torch.Tensor, lower_is_better: bool) -> list[str]:
@@ -94,6 +97,9 @@ class Selector(ABC):
     def manifest(self, estimator: Any, config: SelectConfig) -> dict[str, Any]:
         """What ties the selection to its inputs: the cache's fingerprint and sources and the select config."""
         manifest = cache_manifest(estimator.cache)
+        target = getattr(estimator, "target_cache", estimator.cache)
+        if target is not estimator.cache:  # a separate target cache: the selection depends on it too
+            manifest["target_cache_fingerprint"] = target.fingerprint()
         manifest["select_config"] = {**config.to_dict(), "method": self.name}
         return manifest
 
@@ -114,6 +120,14 @@ class Selector(ABC):
             )
         scored = self.score(estimator, names, config)
         selected = keep_by_rule(names, scored, self.lower_is_better, config)
+        if config.require_significant:
+            if scored.significant is None:
+                raise ValueError(
+                    f"require_significant needs confidence intervals, which method {self.name!r} does not give; use "
+                    "'random_ensemble', 'linear' or 'forward' (with interval_level), or drop require_significant."
+                )
+            significant = set(scored.significant)
+            selected = [n for n in selected if n in significant]
         score_dict = {s: float(v) for s, v in zip(names, scored.scores.tolist())}
         return SourceSelection(
             method=self.name,

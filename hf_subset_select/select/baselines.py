@@ -46,17 +46,29 @@ def _require_target(cache: GradientCache) -> None:
         )
 
 
-def row_target_cosines(values: torch.Tensor, cache: GradientCache) -> torch.Tensor:
-    """Per cache row i: the mean over the target rows j of cos(v_i, v_j), float64 of shape (N,)."""
+def _unit(values: torch.Tensor) -> torch.Tensor:
     v = values.to(torch.float64)
-    unit = v / v.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    target_mean = unit[cache.target_mask].mean(0)
-    return unit @ target_mean
+    return v / v.norm(dim=1, keepdim=True).clamp_min(1e-30)
 
 
-def _mean_cosine_scores(values: torch.Tensor, cache: GradientCache, names: list[str]) -> torch.Tensor:
+def row_target_cosines(
+    values: torch.Tensor,
+    cache: GradientCache,
+    target_values: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per cache row i: the mean over the target rows j of cos(v_i, v_j), float64 of shape (N,).
+
+    ``target_values``: the target rows' vectors from a separate target cache (default: ``cache``'s target rows)."""
+    unit = _unit(values)
+    target = unit[cache.target_mask] if target_values is None else _unit(target_values)
+    return unit @ target.mean(0)
+
+
+def _mean_cosine_scores(
+    values: torch.Tensor, cache: GradientCache, names: list[str], target_values: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per source: mean over its training rows i and the target rows j of cos(v_i, v_j)."""
-    cos = row_target_cosines(values, cache)
+    cos = row_target_cosines(values, cache, target_values)
     out = torch.empty(len(names), dtype=torch.float64)
     for k, name in enumerate(names):
         rows = cache.train_mask & (cache.source_index == cache.source_id(name))
@@ -75,8 +87,10 @@ class _SimilaritySelector(Selector):
 
     def score(self, estimator: Any, names: list[str], config: SelectConfig) -> SelectorScores:
         cache = estimator.cache
-        _require_target(cache)
-        scores = _mean_cosine_scores(self.vectors(cache), cache, names)
+        target = getattr(estimator, "target_cache", cache)  # a separate target cache (train_cache=...)
+        _require_target(target)
+        target_values = None if target is cache else self.vectors(target)[target.target_mask]
+        scores = _mean_cosine_scores(self.vectors(cache), cache, names, target_values)
         mean = float(scores.mean())
         return SelectorScores(
             scores=scores, default_keep=[n for n, v in zip(names, scores.tolist()) if v > mean]
@@ -112,7 +126,7 @@ class RandomSelector(Selector):
     lower_is_better = False
 
     def score(self, estimator: Any, names: list[str], config: SelectConfig) -> SelectorScores:
-        _require_target(estimator.cache)
+        _require_target(getattr(estimator, "target_cache", estimator.cache))
         gen = torch.Generator().manual_seed(config.seed)
         draws = torch.rand(len(names), generator=gen, dtype=torch.float64)
         k = config.top_k if config.top_k is not None else max(1, round(config.subset_ratio * len(names)))

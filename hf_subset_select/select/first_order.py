@@ -16,8 +16,11 @@ from typing import Any
 import torch
 
 from ..config import SelectConfig
+from ..estimate.uncertainty import effect_intervals, subset_intervals
 from .base import Selector, SelectorScores
 from .registry import register_selector
+
+INTERVAL_METHOD = "two-way bootstrap over the sampled subsets and the target rows (percentile-t)"
 
 __all__ = ["RandomEnsembleSelector", "LinearSelector", "ForwardSelector"]
 
@@ -74,6 +77,8 @@ class _SubsetEnsembleSelector(FirstOrderSelector):
             effects={s: float(v) for s, v in zip(names, effects)},
         )
         scored = self.from_ensemble(names, m, losses, with_mean, effects, info)
+        if config.interval_level is not None:
+            self.add_intervals(scored, names, m, rows, config)
         if config.confidence is not None:
             per_row = self.per_row_effects(m, rows.to(torch.float64))  # (sources, target rows)
             se = _standard_error(per_row)
@@ -83,6 +88,37 @@ class _SubsetEnsembleSelector(FirstOrderSelector):
             ]
             info.update(confidence=config.confidence, effect_standard_errors=dict(zip(names, se.tolist())))
         return scored
+
+    #: the statistics behind the score and the effect (see :func:`~hf_subset_select.estimate.uncertainty.effect_intervals`)
+    score_statistic = "score"
+    effect_statistic = "effect"
+
+    def add_intervals(
+        self,
+        scored: SelectorScores,
+        names: list[str],
+        m: torch.Tensor,
+        rows: torch.Tensor,
+        config: SelectConfig,
+    ) -> None:
+        """Confidence intervals of the scores and effects (bootstrap over the sampled subsets and the target rows);
+        the significant sources are those whose effect interval lies below 0."""
+        kw = {"level": config.interval_level, "samples": config.bootstrap_samples, "seed": config.seed}
+        score_iv = effect_intervals(m, rows, statistic=self.score_statistic, **kw)
+        effect_iv = (
+            score_iv
+            if self.effect_statistic == self.score_statistic
+            else effect_intervals(m, rows, statistic=self.effect_statistic, **kw)
+        )
+        scored.significant = [n for n, ok in zip(names, effect_iv.excludes_zero_below().tolist()) if ok]
+        scored.info["intervals"] = {
+            "level": config.interval_level,
+            "samples": config.bootstrap_samples,
+            "method": INTERVAL_METHOD,
+            "scores": score_iv.as_dict(names),
+            "effects": effect_iv.as_dict(names),
+            "significant": list(scored.significant),
+        }
 
     @abstractmethod
     def from_ensemble(
@@ -126,6 +162,9 @@ class RandomEnsembleSelector(_SubsetEnsembleSelector):
 class LinearSelector(_SubsetEnsembleSelector):
     """Score = the source's coefficient in the least-squares fit L̂ ≈ β0 + Σ β_k m_k over the random subsets; by
     default keeps the sources with a negative coefficient."""
+
+    score_statistic = "linear"
+    effect_statistic = "linear"
 
     def from_ensemble(
         self,
@@ -172,6 +211,7 @@ class ForwardSelector(FirstOrderSelector):
         previous = estimator.estimate([[]], details=True).per_example[0].to(torch.float64) if forced else None
         start = float(previous.mean()) if previous is not None else math.inf
         remaining = list(names)
+        previous_rows: list[tuple[torch.Tensor | None, torch.Tensor]] = []
         while remaining:
             estimate = estimator.estimate([chosen + [s] for s in remaining], details=True)
             rows = estimate.per_example.to(torch.float64)
@@ -187,7 +227,12 @@ class ForwardSelector(FirstOrderSelector):
             path_losses.append(float(estimate.loss[j]))
             bounds.append(float(change[j]))
             scores[names.index(pick)] = float(estimate.loss[j])
+            previous_rows.append((previous, rows[j]))
             previous = rows[j]
+        significant = None
+        interval_info: dict[str, Any] = {}
+        if config.interval_level is not None:
+            significant = self._path_intervals(estimator, chosen, previous_rows, config, interval_info)
         if config.confidence is None:
             best = min(range(len(path_losses)), key=path_losses.__getitem__)
             prefix = 0 if start <= path_losses[best] else best + 1
@@ -199,7 +244,48 @@ class ForwardSelector(FirstOrderSelector):
         info.update(path=list(chosen), path_losses=path_losses, start_loss=start)
         if config.confidence is not None:
             info.update(confidence=config.confidence, step_upper_bounds=bounds)
-        return SelectorScores(scores=scores, default_keep=chosen[:prefix], order=chosen, info=info)
+        if significant is not None:
+            info["intervals"] = interval_info
+        return SelectorScores(
+            scores=scores, default_keep=chosen[:prefix], order=chosen, info=info, significant=significant
+        )
+
+    @staticmethod
+    def _path_intervals(
+        estimator: Any,
+        chosen: list[str],
+        steps: list[tuple[torch.Tensor | None, torch.Tensor]],
+        config: SelectConfig,
+        out: dict[str, Any],
+    ) -> list[str]:
+        """Intervals of the greedy path's estimates (its scores) and of each step's change of the target loss
+        (target rows resampled); the significant sources are the path's prefix whose steps all improve."""
+        kw = {"level": config.interval_level, "samples": config.bootstrap_samples, "seed": config.seed}
+        after = torch.stack([r for _, r in steps])
+        score_iv = subset_intervals(after, **kw)
+        if steps[0][0] is None:  # no target-train rows: the first step has no "before"; it counts as kept
+            diffs = [r - p for p, r in steps[1:]]
+            change = subset_intervals(torch.stack(diffs), **kw) if diffs else None
+            effects = {chosen[0]: [float("nan"), float("nan")]}
+            ups = [-float("inf")] + ([] if change is None else change.upper.tolist())
+            if change is not None:
+                effects.update(change.as_dict(chosen[1:]))
+        else:
+            change = subset_intervals(torch.stack([r - p for p, r in steps]), **kw)
+            effects = change.as_dict(chosen)
+            ups = change.upper.tolist()
+        prefix = 0
+        while prefix < len(chosen) and ups[prefix] < 0:
+            prefix += 1
+        out.update(
+            level=config.interval_level,
+            samples=config.bootstrap_samples,
+            method="bootstrap over the target rows (percentile-t); effects are each greedy step's change",
+            scores=score_iv.as_dict(chosen),
+            effects=effects,
+            significant=chosen[:prefix],
+        )
+        return chosen[:prefix]
 
 
 def _standard_error(per_row: torch.Tensor) -> torch.Tensor:

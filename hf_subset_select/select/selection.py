@@ -79,6 +79,7 @@ _SCHEMA = obj(
                 "target_source": optional(string()),
                 "select_config": dict_of(anything()),
                 "estimator_config": dict_of(anything()),
+                "target_cache_fingerprint": string(nonempty=True),
             },
         ),
     },
@@ -245,12 +246,23 @@ class SourceSelection:
             f"target_source={self.target_source!r}, scores: {'lower' if self.lower_is_better else 'higher'} is better)"
         )
         width = max([len("source"), *(len(s) for s in self.sources)])
-        lines = [head, f"{'source':<{width}}  {'score':>10}  {'effect':>10}  {'kept':>4}  {'weight':>7}"]
+        intervals = (self.info.get("intervals") or {}).get("effects") or {}
+        ci_head = (
+            f"  {'effect ' + format(100 * float(self.info['intervals']['level']), 'g') + '% CI':>22}"
+            if intervals
+            else ""
+        )
+        lines = [
+            head,
+            f"{'source':<{width}}  {'score':>10}  {'effect':>10}{ci_head}  {'kept':>4}  {'weight':>7}",
+        ]
         for s in self.ranking:
             eff = effects.get(s)
             eff_txt = f"{eff:>10.4g}" if eff is not None else f"{'-':>10}"
+            ci = intervals.get(s)
+            ci_txt = (f"  {f'[{ci[0]:.4g}, {ci[1]:.4g}]' if ci else '-':>22}") if intervals else ""
             lines.append(
-                f"{s:<{width}}  {self.scores[s]:>10.4g}  {eff_txt}  {('yes' if s in self.selected else 'no'):>4}  "
+                f"{s:<{width}}  {self.scores[s]:>10.4g}  {eff_txt}{ci_txt}  {('yes' if s in self.selected else 'no'):>4}  "
                 f"{self.weights.get(s, 0.0):>7.3f}"
             )
         if self.target_source is not None and self.target_source not in self.sources:

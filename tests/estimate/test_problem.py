@@ -83,7 +83,7 @@ def test_dimension_mismatch_errors():
     with pytest.raises(ValueError, match="Dimension mismatch.*one column per candidate"):
         est.estimate(torch.ones(2, len(est.sources) + 1, dtype=torch.bool))
     other = make_synthetic_cache(dim=12, seed=12)
-    with pytest.raises(ValueError, match="Dimension mismatch.*same CollectConfig"):
+    with pytest.raises(ValueError, match="Dimension mismatch.*train_cache="):
         FirstOrderEstimator(cache, target=other)
 
 
@@ -93,7 +93,7 @@ def test_target_cache_in_another_geometry_is_refused():
     FirstOrderEstimator(cache, target=same)  # both raw gradients: fine
     same.manifest["precondition"] = {"kind": "adam", "sha256": "0" * 64, "step": 3}
     with pytest.raises(
-        ValueError, match="scaled their gradients differently.*same CollectConfig.precondition"
+        ValueError, match="scaled their gradients differently.*reuses its stored preconditioner"
     ):
         FirstOrderEstimator(cache, target=same)
 
@@ -103,7 +103,9 @@ def test_target_cache_with_another_projection_is_refused():
     other = make_synthetic_cache(dim=8, seed=12)
     cache.manifest["projection"] = {"kind": "rademacher", "dim": 8, "seed": 0}
     other.manifest["projection"] = {"kind": "rademacher", "dim": 8, "seed": 1}
-    with pytest.raises(ValueError, match="different projections.*Re-collect"):
+    with pytest.raises(
+        ValueError, match="'projection.seed': training cache 0, the target cache 1.*Fix: collect with"
+    ):
         FirstOrderEstimator(cache, target=other)
 
 

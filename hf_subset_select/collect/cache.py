@@ -149,7 +149,10 @@ class GradientCache:
             raise GradientCacheError(
                 "example_ids are not unique; the cache mixes two collections. Re-collect it."
             )
-        bad = ~torch.isfinite(self.features).all(dim=1) | ~torch.isfinite(self.outputs)
+        bad = ~torch.isfinite(self.outputs)
+        step = max(1, (16 << 20) // max(1, self.features.shape[1]))  # blocks of ~16 M entries: no N×d mask
+        for s in range(0, n, step):
+            bad[s : s + step] |= ~torch.isfinite(self.features[s : s + step]).all(dim=1)
         if bool(bad.any()):
             rows = torch.nonzero(bad).flatten()[:5]
             ids = self.example_ids[rows].tolist()

@@ -190,7 +190,7 @@ def _noise_scale(problem: LinearizedProblem, batch_size: int) -> float:
     # directions plus the orthogonal tail, so their squared norms add up); squared norms row by row
     st = problem.statistics()
     resid = torch.sigmoid(-problem.outputs)  # |dℓ/dz| at θ*
-    norms = problem.features.pow(2).sum(1).to(torch.float64)
+    norms = problem.row_sq_norms()
     second = torch.zeros(len(problem.order), dtype=torch.float64).index_add_(
         0, problem.row_source, resid * resid * norms
     )
@@ -272,24 +272,87 @@ def auto_l2(problem: LinearizedProblem, trust_radius: float | None = None) -> fl
 
 
 def _bisect_l2(rms: Callable[[float], float], lo0: float, hi0: float, delta: float) -> float:
-    """max(λ_trust, λ_half) of :func:`auto_l2` by bisection in log λ between exp(lo0) and exp(hi0)."""
-    rho0 = rms(math.exp(lo0))
+    """max(λ_trust, λ_half) of :func:`auto_l2`: roots of ρ(λ) = level in log λ between exp(lo0) and exp(hi0),
+    to within :data:`_LOG_L2_TOL` of log λ.
+
+    ρ is decreasing and smooth in log λ, so a safeguarded secant step on log ρ (Illinois) brackets each root in
+    a few evaluations where plain bisection over the 41-unit bracket takes 12; every evaluation is remembered
+    and narrows the starting bracket of the second level.
+    """
+    seen: dict[float, float] = {}
+
+    def at(x: float) -> float:
+        if x not in seen:
+            seen[x] = rms(math.exp(x))
+        return seen[x]
+
+    rho0 = at(lo0)
 
     def solve(level: float) -> float:
-        lo, hi = lo0, hi0
         if rho0 <= level:
-            return math.exp(lo)
-        if rms(math.exp(hi)) >= level:
-            return math.exp(hi)
-        while hi - lo > 0.01:
-            mid = 0.5 * (lo + hi)
-            if rms(math.exp(mid)) > level:
-                lo = mid
-            else:
-                hi = mid
-        return math.exp(0.5 * (lo + hi))
+            return math.exp(lo0)
+        if at(hi0) >= level:
+            return math.exp(hi0)
+        # the tightest bracket among the points seen so far: ρ(lo) > level >= ρ(hi)
+        lo = max(x for x, v in seen.items() if v > level)
+        hi = min(x for x, v in seen.items() if v <= level)
+        return math.exp(_log_root(at, lo, hi, level, rho0))
 
     return max(solve(delta), solve(0.5 * rho0))
+
+
+_LOG_L2_TOL = 0.005  # half-width of the final bracket in log λ (λ to within 0.5 %)
+
+
+def _log_root(at: Callable[[float], float], lo: float, hi: float, level: float, rho0: float) -> float:
+    """x in [lo, hi] with ρ(x) = level for a decreasing ρ (ρ(lo) > level >= ρ(hi)), stopped at a bracket of
+    width 2 · :data:`_LOG_L2_TOL`; returns its midpoint (what bisection returns, in fewer evaluations).
+
+    Secant steps on u = -log(ρ0/ρ - 1), which a ridge with one curvature scale h makes exactly log h - log λ
+    (ρ = ρ0 h / (h + λ)): nearly a straight line of slope -1 in log λ, so the first step (from the high end,
+    slope -1) already lands near the root. Each step is pushed by the tolerance past its estimate, towards the
+    end of the bracket that has not moved, so that the bracket closes from both sides; a step that leaves the
+    bracket, or two in a row that do not halve it, is replaced by bisection.
+    """
+    ridge = math.isfinite(rho0) and rho0 > level > 0
+
+    def u(v: float) -> float:
+        if not math.isfinite(v):
+            return math.inf
+        if ridge:
+            return -math.log(max(rho0 / max(v, 1e-300) - 1.0, 1e-300))
+        return math.log(max(v, 1e-300))
+
+    target = u(level)
+
+    def y(x: float) -> float:
+        return u(at(x)) - target
+
+    usable = lambda v: math.isfinite(v) and abs(v) < 600  # noqa: E731 - not saturated at ρ0 or 0
+    last: list[tuple[float, float]] = [(x, v) for x, v in ((hi, y(hi)), (lo, y(lo))) if usable(v)][:1]
+    side, stall = 0, 0
+    while hi - lo > 2 * _LOG_L2_TOL:
+        width = hi - lo
+        if len(last) == 2 and last[0][1] != last[1][1]:
+            (x0, y0), (x1, y1) = last
+            x = x1 - y1 * (x1 - x0) / (y1 - y0)
+        elif last:
+            x = last[-1][0] + last[-1][1]  # slope -1
+        else:
+            x = math.nan
+        x -= side * _LOG_L2_TOL
+        if stall >= 2 or not lo < x < hi:
+            x, stall = 0.5 * (lo + hi), 0
+        x = min(max(x, lo + 0.5 * _LOG_L2_TOL), hi - 0.5 * _LOG_L2_TOL)
+        y_x = y(x)
+        if usable(y_x):
+            last = (last + [(x, y_x)])[-2:]
+        if y_x > 0:  # the root is above x
+            lo, side = x, -1
+        else:
+            hi, side = x, 1
+        stall = stall + 1 if hi - lo > 0.5 * width else 0
+    return 0.5 * (lo + hi)
 
 
 # ---------------------------------------------------------------------- a fine-tune's budget

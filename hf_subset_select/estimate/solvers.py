@@ -88,10 +88,17 @@ def _gather(parts: list[SolveResult]) -> SolveResult:
 
 # ---------------------------------------------------------------------- fast path: the quadratic model
 def quadratic_step(
-    problem: LinearizedProblem, m: torch.Tensor, l2: float
+    problem: LinearizedProblem,
+    m: torch.Tensor,
+    l2: float,
+    *,
+    product: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Minimizer of the second-order model: the step in the kept directions (B, r), the tail coefficient (B,)
     or None (the tail step is coef · (I - UUᵀ) Σ_k m_k grad_k), and the membership in the stats' precision.
+
+    ``product(X)`` computes ``m @ X`` for a per-source statistic X (n, ...) when the caller has a cheaper way
+    than the matrix product (see :meth:`FastSolver.solve_extensions`).
 
     Raises FloatingPointError when a subset's model is not positive definite at this λ.
     """
@@ -99,20 +106,25 @@ def quadratic_step(
     gram, grad, _, tail_trace, _, _, _ = problem.fast_statistics()
     dtype = gram.dtype
     r = st.rank
-    scale = problem.scale(m).to(dtype)
     m = m.to(dtype)
-    k = (m @ gram).view(-1, r, r)
+    if product is None:
+        product = m.__matmul__
+    if problem.config.reduction == "mean":
+        scale = 1.0 / product(problem.counts.to(dtype))
+    else:
+        scale = torch.full((m.shape[0],), 1.0 / float(problem.counts.sum()), dtype=dtype)
+    k = product(gram).view(-1, r, r)
     k.mul_(scale[:, None, None])
     k.diagonal(dim1=1, dim2=2).add_(l2)
-    b = (m @ grad).mul_(scale[:, None])
+    b = product(grad).mul_(scale[:, None])
     w_r, failed = _spd_solve(k, b.neg_())
     if failed and dtype != torch.float64:
         # redo the few matrices that are not positive definite in float32 in float64
         idx = torch.tensor(failed)
-        m64, s64 = m[idx].to(torch.float64), scale[idx].to(torch.float64)
-        k64 = (m[idx] @ gram).to(torch.float64).view(-1, r, r) * s64[:, None, None]
+        s64 = scale[idx].to(torch.float64)
+        k64 = product(gram)[idx].to(torch.float64).view(-1, r, r) * s64[:, None, None]
         k64.diagonal(dim1=1, dim2=2).add_(l2)
-        w64, failed = _spd_solve(k64, -(m64 @ st.grad) * s64[:, None])
+        w64, failed = _spd_solve(k64, -(m[idx].to(torch.float64) @ st.grad) * s64[:, None])
         w_r[idx] = w64.to(dtype)
     if failed:
         raise FloatingPointError(
@@ -121,7 +133,7 @@ def quadratic_step(
         )
     coef = None
     if st.basis is not None:
-        h_tail = (m @ tail_trace) * scale / max(st.tail_dims, 1)
+        h_tail = product(tail_trace) * scale / max(st.tail_dims, 1)
         coef = -scale / (l2 + h_tail)
     return w_r, coef, m
 
@@ -145,6 +157,34 @@ class FastSolver(Solver):
             w = w_r
         return dz, (None if w is None else w.to(torch.float64)), {}
 
+    def solve_extensions(
+        self, problem: LinearizedProblem, base: torch.Tensor, candidates: torch.Tensor, l2: float
+    ) -> torch.Tensor:
+        """Δz (B, T) of the subsets ``base ∪ {j}`` for each candidate column j, the same as :meth:`solve` on their
+        membership matrix but in O(B r²) per subset for the sums (not O(B n r²)): the base's statistics are
+        summed once and each candidate's added (greedy forward selection).
+
+        Args:
+            base: membership of the base subset over :attr:`~.problem.LinearizedProblem.order`, shape (n,).
+            candidates: the columns j to add, shape (B,), none of them in ``base``.
+        """
+        _, _, target_r, _, tail_target, _, _ = problem.fast_statistics()
+        dtype = target_r.dtype
+        base = base.to(dtype)
+        cand = candidates.to(torch.int64)
+        m = base.expand(cand.numel(), -1).clone()
+        m[torch.arange(cand.numel()), cand] = 1.0
+
+        def product(x: torch.Tensor) -> torch.Tensor:
+            x = x.to(dtype) if x.dtype != dtype else x
+            return (base @ x).unsqueeze(0) + x.index_select(0, cand)
+
+        w_r, coef, _ = quadratic_step(problem, m, l2, product=product)
+        dz = w_r @ target_r.T
+        if coef is not None:
+            dz = dz + coef[:, None] * product(tail_target)
+        return dz
+
     def run(
         self,
         problem: LinearizedProblem,
@@ -157,17 +197,21 @@ class FastSolver(Solver):
         problem.fast_statistics()  # computed once, before the threads start
         chunk = self.chunk_size(problem)
         pieces = [m[s : s + chunk] for s in range(0, m.shape[0], chunk)]
-        threads = max(1, min(problem.config.num_threads or torch.get_num_threads(), len(pieces)))
-        if threads == 1:
-            return _gather([self._work(problem, piece, l2, want_w, post) for piece in pieces])
-        previous = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            with single_threaded_blas(), ThreadPoolExecutor(threads) as pool:
-                parts = list(pool.map(lambda piece: self._work(problem, piece, l2, want_w, post), pieces))
-        finally:
-            torch.set_num_threads(previous)
-        return _gather(parts)
+        return _gather(_in_threads(problem, pieces, lambda piece: self._work(problem, piece, l2, want_w, post)))
+
+
+def _in_threads(problem: LinearizedProblem, pieces: list[Any], work: Callable[[Any], Any]) -> list[Any]:
+    """``[work(p) for p in pieces]`` in ``config.num_threads`` Python threads with single-threaded kernels."""
+    threads = max(1, min(problem.config.num_threads or torch.get_num_threads(), len(pieces)))
+    if threads == 1:
+        return [work(piece) for piece in pieces]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with single_threaded_blas(), ThreadPoolExecutor(threads) as pool:
+            return list(pool.map(work, pieces))
+    finally:
+        torch.set_num_threads(previous)
 
 
 # ---------------------------------------------------------------------- exact path: batched Newton-CG

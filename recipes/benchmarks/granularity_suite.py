@@ -50,7 +50,11 @@ def parse_args(argv: list[str] | None = None) -> Any:
     parser.add_argument("--wordnet-dir", default="/usr/share/wordnet")
     parser.add_argument("--gemma-path", default=None, help="unused (suite.make_task's argument)")
     parser.add_argument(
-        "--merge", nargs="+", default=None, metavar="JSON", help="run nothing: merge these results' tasks --into"
+        "--merge",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="run nothing: merge these results' tasks --into",
     )
     parser.add_argument("--into", default=None, help="with --merge: granularity.json to add tasks.<task> to")
     return parser.parse_args(argv)
@@ -68,8 +72,8 @@ def select_units(cache: Any, spec: Any, ks: list[int]) -> tuple[dict[str, dict[s
     from harness.estimation import estimator_for_training_args
 
     from hf_subset_select import select_sources
-    from hf_subset_select.select.examples import select_examples
     from hf_subset_select.select.clusters import cluster_sources
+    from hf_subset_select.select.examples import select_examples
 
     seconds: dict[str, float] = {}
     targs = spec.training_arguments()
@@ -79,7 +83,12 @@ def select_units(cache: Any, spec: Any, ks: list[int]) -> tuple[dict[str, dict[s
     seconds["per_source"] = time.perf_counter() - t0
     methods: dict[str, dict[str, Any]] = {
         "target_only": {"sources": [], "examples": None},
-        "per_source": {"sources": list(sel.selected), "examples": None, "scores": sel.scores, "l2": est.resolved_l2()},
+        "per_source": {
+            "sources": list(sel.selected),
+            "examples": None,
+            "scores": sel.scores,
+            "l2": est.resolved_l2(),
+        },
     }
     t0 = time.perf_counter()
     ex = select_examples(est, "first_order")
@@ -124,7 +133,9 @@ def select_units(cache: Any, spec: Any, ks: list[int]) -> tuple[dict[str, dict[s
         }
     for m in methods.values():
         m["rows_kept"] = (
-            sum(cache_counts(cache).get(s, 0) for s in m["sources"]) if m["examples"] is None else len(m["examples"])
+            sum(cache_counts(cache).get(s, 0) for s in m["sources"])
+            if m["examples"] is None
+            else len(m["examples"])
         )
     methods["_num_candidate_rows"] = {"value": n}
     return methods, seconds
@@ -144,15 +155,17 @@ def quantiles(values: list[float]) -> dict[str, float]:
 
     v = torch.tensor(values, dtype=torch.float64)
     q = torch.quantile(v, torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=torch.float64)).tolist()
-    return {**dict(zip(("min", "q25", "median", "q75", "max"), q)), "share_negative": float((v < 0).double().mean())}
+    return {
+        **dict(zip(("min", "q25", "median", "q75", "max"), q)),
+        "share_negative": float((v < 0).double().mean()),
+    }
 
 
 def run_task(name: str, args: Any, ks: list[int]) -> dict[str, Any]:
     """One task's entry: each method's rows kept, per-seed test metric, mean ± std, and the paired intervals."""
+    from harness.stats import mean_std
     from suite import collect, make_task
     from suite_runs import Finetuner, FinetuneSpec, paired
-
-    from harness.stats import mean_std
 
     t_start = time.perf_counter()
     task, settings = make_task(name, args)
@@ -165,20 +178,26 @@ def run_task(name: str, args: Any, ks: list[int]) -> dict[str, Any]:
     methods, select_seconds = select_units(cache, spec, ks)
     n = methods.pop("_num_candidate_rows")["value"]
     seeds = list(range(args.seeds or settings["seeds"]))
-    print(f"{name}: rows kept {({m: v['rows_kept'] for m, v in methods.items()})} of {n}", flush=True)
+    print(f"{name}: rows kept { ({m: v['rows_kept'] for m, v in methods.items()}) } of {n}", flush=True)
     for mname, m in methods.items():
         runs = {s: tuner.run(m["sources"], s, examples=m["examples"]) for s in seeds}
         m["per_seed"] = {s: r["metric"] for s, r in runs.items()}
         m["loss_per_seed"] = {s: r["loss"] for s, r in runs.items()}
         m["test_metric_mean"], m["test_metric_std"] = mean_std(list(m["per_seed"].values()))
         m["test_loss_mean"], m["test_loss_std"] = mean_std(list(m["loss_per_seed"].values()))
-        m["finetuned_as"] = "sources" if tuner.canonical(m["sources"], m["examples"])[1] is None else "examples"
-        print(f"  {mname}: {[round(v, 4) for v in m['per_seed'].values()]} ({tuner.seconds:.0f} s so far)", flush=True)
+        m["finetuned_as"] = (
+            "sources" if tuner.canonical(m["sources"], m["examples"])[1] is None else "examples"
+        )
+        print(
+            f"  {mname}: {[round(v, 4) for v in m['per_seed'].values()]} ({tuner.seconds:.0f} s so far)",
+            flush=True,
+        )
     finer = [*FINER, *(f"clusters_{k}" for k in ks)]
     for mname in finer:
         methods[mname]["vs"] = {b: paired(methods[mname]["per_seed"], methods[b]["per_seed"]) for b in BASES}
     methods["per_source"]["vs"] = {
-        b: paired(methods["per_source"]["per_seed"], methods[b]["per_seed"]) for b in ("less_cosine", "target_only")
+        b: paired(methods["per_source"]["per_seed"], methods[b]["per_seed"])
+        for b in ("less_cosine", "target_only")
     }
     for m in methods.values():
         m.pop("examples", None)  # ids are long; rows_kept and kept_per_source say what was kept
@@ -227,8 +246,13 @@ def headline(entry: dict[str, Any]) -> dict[str, Any]:
     return {
         "per_example": short(methods["per_example"]),
         "clusters": clusters,
-        "per_source": {k: methods["per_source"][k] for k in ("test_metric_mean", "test_metric_std", "rows_kept", "sources")},
-        "less_cosine": {k: methods["less_cosine"][k] for k in ("test_metric_mean", "test_metric_std", "rows_kept")},
+        "per_source": {
+            k: methods["per_source"][k]
+            for k in ("test_metric_mean", "test_metric_std", "rows_kept", "sources")
+        },
+        "less_cosine": {
+            k: methods["less_cosine"][k] for k in ("test_metric_mean", "test_metric_std", "rows_kept")
+        },
         "target_only": {k: methods["target_only"][k] for k in ("test_metric_mean", "test_metric_std")},
         "finer_beats_per_source": beats,
     }
@@ -247,7 +271,11 @@ def merge(paths: list[str], into: str) -> dict[str, Any]:
             result = json.load(f)
         for name, entry in result["tasks"].items():
             tasks[name] = {**headline(entry), "detail": entry}
-            runs[name] = {"file": os.path.basename(path), "environment": result["environment"], "load_average_at_start": result.get("load_average_at_start")}
+            runs[name] = {
+                "file": os.path.basename(path),
+                "environment": result["environment"],
+                "load_average_at_start": result.get("load_average_at_start"),
+            }
     doc["tasks"] = tasks
     doc["real_task_runs"] = runs
     doc["real_task_bar"] = {

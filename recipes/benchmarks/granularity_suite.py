@@ -18,7 +18,7 @@ Final fine-tunes from θ* on the same seeds for every method (the suite's ``CLAS
     OMP_NUM_THREADS=1 python recipes/benchmarks/granularity_suite.py --output /tmp/g.json --quick
     OMP_NUM_THREADS=1 python recipes/benchmarks/granularity_suite.py --output /tmp/g_nouns.json --tasks wordnet_nouns
     python recipes/benchmarks/granularity_suite.py --merge /tmp/g_nouns.json /tmp/g_verbs.json \\
-        --into docs/results/granularity.json      # adds tasks.<task>, keeps the synthetic keys
+        --output docs/results/granularity.json    # adds tasks.<task>, keeps the synthetic keys
 """
 
 from __future__ import annotations
@@ -54,9 +54,8 @@ def parse_args(argv: list[str] | None = None) -> Any:
         nargs="+",
         default=None,
         metavar="JSON",
-        help="run nothing: merge these results' tasks --into",
+        help="run nothing: add these results' tasks to --output (an existing granularity.json, other keys kept)",
     )
-    parser.add_argument("--into", default=None, help="with --merge: granularity.json to add tasks.<task> to")
     return parser.parse_args(argv)
 
 
@@ -161,11 +160,13 @@ def quantiles(values: list[float]) -> dict[str, float]:
     }
 
 
-def run_task(name: str, args: Any, ks: list[int]) -> dict[str, Any]:
-    """One task's entry: each method's rows kept, per-seed test metric, mean ± std, and the paired intervals."""
+def run_task(name: str, args: Any, ks: list[int], progress: Any = None) -> dict[str, Any]:
+    """One task's entry: each method's rows kept, per-seed test metric, mean ± std, and the paired intervals.
+    ``progress(entry)`` is called after every method with the entry so far (``complete`` False until the end), so a
+    run cut short keeps the methods it finished."""
     from harness.stats import mean_std
     from suite import collect, make_task
-    from suite_runs import Finetuner, FinetuneSpec, paired
+    from suite_runs import Finetuner, FinetuneSpec
 
     t_start = time.perf_counter()
     task, settings = make_task(name, args)
@@ -179,6 +180,15 @@ def run_task(name: str, args: Any, ks: list[int]) -> dict[str, Any]:
     n = methods.pop("_num_candidate_rows")["value"]
     seeds = list(range(args.seeds or settings["seeds"]))
     print(f"{name}: rows kept { ({m: v['rows_kept'] for m, v in methods.items()}) } of {n}", flush=True)
+    test_ids = set(data.test["example_id"])
+    base = {
+        "model": str(getattr(task, "model_path", None)),
+        "metric": getattr(task, "metric", "accuracy"),
+        "num_candidate_rows": n,
+        "settings": {**settings, "seeds": seeds, "cluster_k": ks, "start": "theta_star"},
+        "split_check": {"test_rows_in_cache": len(test_ids & {int(i) for i in cache.example_ids})},
+    }
+    entry: dict[str, Any] = {}
     for mname, m in methods.items():
         runs = {s: tuner.run(m["sources"], s, examples=m["examples"]) for s in seeds}
         m["per_seed"] = {s: r["metric"] for s, r in runs.items()}
@@ -192,34 +202,37 @@ def run_task(name: str, args: Any, ks: list[int]) -> dict[str, Any]:
             f"  {mname}: {[round(v, 4) for v in m['per_seed'].values()]} ({tuner.seconds:.0f} s so far)",
             flush=True,
         )
-    finer = [*FINER, *(f"clusters_{k}" for k in ks)]
-    for mname in finer:
-        methods[mname]["vs"] = {b: paired(methods[mname]["per_seed"], methods[b]["per_seed"]) for b in BASES}
-    methods["per_source"]["vs"] = {
-        b: paired(methods["per_source"]["per_seed"], methods[b]["per_seed"])
-        for b in ("less_cosine", "target_only")
-    }
-    for m in methods.values():
-        m.pop("examples", None)  # ids are long; rows_kept and kept_per_source say what was kept
-    test_ids = set(data.test["example_id"])
-    return {
-        "model": str(getattr(task, "model_path", None)),
-        "metric": getattr(task, "metric", "accuracy"),
-        "methods": methods,
-        "num_candidate_rows": n,
-        "settings": {**settings, "seeds": seeds, "cluster_k": ks, "start": "theta_star"},
-        "split_check": {
-            "test_rows_in_cache": len(test_ids & {int(i) for i in cache.example_ids}),
-            "splits_scored": {s: tuner.splits_scored.count(s) for s in ("dev", "test")},
-        },
-        "seconds": {
-            "meta_train_and_collect": meta_seconds,
-            "selection": select_seconds,
-            "finetunes": tuner.seconds,
-            "num_finetunes": tuner.count,
-            "total": time.perf_counter() - t_start,
-        },
-    }
+        entry = {
+            **base,
+            "methods": finished(methods),
+            "complete": mname == list(methods)[-1],
+            "seconds": {
+                "meta_train_and_collect": meta_seconds,
+                "selection": select_seconds,
+                "finetunes": tuner.seconds,
+                "num_finetunes": tuner.count,
+                "total": time.perf_counter() - t_start,
+            },
+        }
+        entry["settings"]["cluster_k"] = [k for k in ks if f"clusters_{k}" in entry["methods"]]
+        entry["split_check"]["splits_scored"] = {s: tuner.splits_scored.count(s) for s in ("dev", "test")}
+        if progress is not None:
+            progress(entry)
+    return entry
+
+
+def finished(methods: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The methods fine-tuned so far, without their (long) id lists, each finer unit with its paired intervals
+    against ``per_source`` and ``less_cosine`` (and ``per_source`` against ``less_cosine`` and ``target_only``)."""
+    from suite_runs import paired
+
+    done = {n: {k: v for k, v in m.items() if k != "examples"} for n, m in methods.items() if "per_seed" in m}
+    against = {n: BASES for n in done if n == "per_example" or n.startswith("clusters_")}
+    against["per_source"] = ("less_cosine", "target_only")
+    for n, bases in against.items():
+        if n in done:
+            done[n]["vs"] = {b: paired(done[n]["per_seed"], done[b]["per_seed"]) for b in bases if b in done}
+    return done
 
 
 def headline(entry: dict[str, Any]) -> dict[str, Any]:
@@ -255,6 +268,7 @@ def headline(entry: dict[str, Any]) -> dict[str, Any]:
         },
         "target_only": {k: methods["target_only"][k] for k in ("test_metric_mean", "test_metric_std")},
         "finer_beats_per_source": beats,
+        "complete": entry.get("complete", True),
     }
 
 
@@ -290,9 +304,7 @@ def merge(paths: list[str], into: str) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.merge:
-        if not args.into:
-            raise SystemExit("--merge needs --into FILE.json (the granularity results to add the tasks to)")
-        doc = merge(args.merge, args.into)
+        doc = merge(args.merge, args.output)
         print(doc["real_task_bar"])
         return
     limit_threads(args.threads, blas=True)
@@ -302,20 +314,24 @@ def main(argv: list[str] | None = None) -> None:
     for name in parse_list(args.tasks):
         if name not in ("wordnet_nouns", "wordnet_verbs"):
             raise SystemExit(f"--tasks: {name!r} is not a MiniLM task; choose wordnet_nouns, wordnet_verbs")
-        tasks[name] = run_task(name, args, ks)
+
+        def save(entry: dict[str, Any], name: str = name) -> None:
+            tasks[name] = entry
+            write_results(
+                args.output,
+                {
+                    "benchmark": "granularity_suite",
+                    "tasks": tasks,
+                    "frozen_commit": STARTED_AT,
+                    "load_average_at_start": start_load,
+                    "settings": vars(args),
+                    "machine_note": "shared machine (2 cores, other jobs running): seconds are indicative only",
+                },
+            )
+
+        run_task(name, args, ks, save)
         h = headline(tasks[name])
         print(name, json.dumps({k: h[k] for k in ("per_example", "finer_beats_per_source")}), flush=True)
-        write_results(
-            args.output,
-            {
-                "benchmark": "granularity_suite",
-                "tasks": tasks,
-                "frozen_commit": STARTED_AT,
-                "load_average_at_start": start_load,
-                "settings": vars(args),
-                "machine_note": "shared machine (2 cores, other jobs running): seconds are indicative only",
-            },
-        )
 
 
 if __name__ == "__main__":

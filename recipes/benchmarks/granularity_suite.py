@@ -301,10 +301,42 @@ def merge(paths: list[str], into: str) -> dict[str, Any]:
     return doc
 
 
+def table(doc: dict[str, Any]) -> str:
+    """The markdown table docs/benchmarks.md shows: per task and method, rows kept, test metric mean ± std and the
+    paired differences (95% intervals) against per-source and LESS cosine."""
+
+    def diff(d: dict[str, Any] | None) -> str:
+        return "" if d is None else f"{d['diff_mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+
+    lines = [
+        "| task | method | rows kept | test accuracy | − per source | − LESS cosine |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, t in sorted(doc["tasks"].items()):
+        methods = t["detail"]["methods"]
+        n = t["detail"]["num_candidate_rows"]
+        for mname in (
+            "target_only",
+            "per_source",
+            "less_cosine",
+            "per_example",
+            *sorted((m for m in methods if m.startswith("clusters_")), key=lambda m: int(m.split("_")[1])),
+        ):
+            m = methods[mname]
+            vs = m.get("vs", {})
+            lines.append(
+                f"| {name} | {mname} | {m['rows_kept']}/{n} | {m['test_metric_mean']:.3f} ± {m['test_metric_std']:.3f}"
+                f" | {diff(vs.get('per_source')) if mname != 'per_source' else ''}"
+                f" | {diff(vs.get('less_cosine'))} |"
+            )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.merge:
         doc = merge(args.merge, args.output)
+        print(table(doc))
         print(doc["real_task_bar"])
         return
     limit_threads(args.threads, blas=True)

@@ -236,8 +236,79 @@ class SelectArguments:
     output: str = field(default="selection.json", metadata={"help": "Selection JSON to write."})
 
 
+UNITS = ("source", "example", "cluster")
+
+
+@dataclass
+class UnitArguments:
+    """What a selection decides on: whole sources, single examples, or clusters of the pool's examples."""
+
+    unit: str = field(
+        default="source",
+        metadata={
+            "help": "'source': score and keep whole sources; 'example': score every training example "
+            "(first-order effect on the estimated target loss; with --method gradient_similarity the LESS-style "
+            "cosine) and keep the better ones (--fraction, else --threshold, else the scores that lower the "
+            "estimate / cosines above the mean); 'cluster': cluster the pooled examples by their gradients into "
+            "--clusters pseudo-sources and select those. Example and cluster selections are keyed by example_id "
+            "and apply to the untouched dataset.",
+            "choices": list(UNITS),
+        },
+    )
+    clusters: int = field(default=8, metadata={"help": "Number of clusters (--unit cluster)."})
+    cluster_seed: int = field(default=0, metadata={"help": "Seed of the spherical k-means (--unit cluster)."})
+    fraction: float | None = field(
+        default=None, metadata={"help": "--unit example: keep this share of the examples (the best scores)."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.unit not in UNITS:
+            raise CLIError(f"--unit must be one of {list(UNITS)}, got {self.unit!r}.")
+        if self.clusters < 1:
+            raise CLIError(f"--clusters must be >= 1 (the number of pseudo-sources), got {self.clusters}.")
+        if self.fraction is not None and not 0.0 < self.fraction <= 1.0:
+            raise CLIError(
+                f"--fraction must lie in (0, 1] (the share of examples kept), got {self.fraction}."
+            )
+
+
+def _select_unit(cache: Any, unit: Any, select_config: Any, est: Any) -> Any:
+    """The selection at ``unit.unit`` granularity."""
+    from .config import EstimatorConfig
+
+    if unit.unit == "cluster":
+        from .select.clusters import select_clusters
+
+        return select_clusters(  # k above the number of rows: a ValueError that names the limit
+            cache,
+            unit.clusters,
+            estimator_config=unprefixed(est, EstimatorConfig, ESTIMATOR_PREFIX),
+            select_config=select_config,
+            seed=unit.cluster_seed,
+        )
+    if unit.unit == "example":
+        from .select.examples import select_examples
+
+        similarity = select_config.method == "gradient_similarity"
+        if select_config.method not in ("random_ensemble", "gradient_similarity"):
+            raise CLIError(
+                f"--unit example scores examples by their first-order effect (the default --method) or by "
+                f"--method gradient_similarity; --method {select_config.method} works on sources only."
+            )
+        return select_examples(
+            cache if similarity else _estimator(cache, est),
+            "gradient_similarity" if similarity else "first_order",
+            fraction=unit.fraction,
+            threshold=select_config.threshold,
+            temperature=select_config.temperature,
+        )
+    from .select.registry import select_sources
+
+    return select_sources(_estimator(cache, est), config=select_config)
+
+
 def cmd_select(argv: Sequence[str]) -> None:
-    """Score every source from the gradient cache and write selection.json.
+    """Score every source (or example, or cluster: --unit) from the gradient cache and write selection.json.
 
     The main command: which sources to keep for the target fine-tune. Add --interval_level 0.95 for confidence
     intervals and --require_significant to keep only sources whose effect interval excludes 'no effect'. With
@@ -248,15 +319,26 @@ def cmd_select(argv: Sequence[str]) -> None:
     from .config import SelectConfig
     from .select.registry import select_sources
 
-    cache_args, sel_args, target_args, select_config, est = parse_dataclasses(
-        [CacheArguments, SelectArguments, TargetArguments, SelectConfig, _estimator_args()],
+    cache_args, sel_args, target_args, unit, select_config, est = parse_dataclasses(
+        [CacheArguments, SelectArguments, TargetArguments, UnitArguments, SelectConfig, _estimator_args()],
         argv,
         "hf-subset-select select",
         cmd_select.__doc__,
     )
     cache = _load_cache(cache_args.cache)
-    estimator = _estimator(cache, est, target_args)
     os.makedirs(os.path.dirname(os.path.abspath(sel_args.output)), exist_ok=True)
+    if unit.unit != "source":
+        if target_args.targets or target_args.target_cache:
+            raise CLIError(
+                f"--unit {unit.unit} selects for the target rows in --cache; drop --targets / --target_cache, or "
+                "use --unit source for several targets."
+            )
+        selection = _select_unit(cache, unit, select_config, est)
+        selection.save(sel_args.output)
+        print(selection)
+        print(f"selection written to {sel_args.output}")
+        return
+    estimator = _estimator(cache, est, target_args)
     if hasattr(estimator, "for_target"):
         from .select.targets import select_for_targets
 
@@ -353,8 +435,58 @@ def cmd_report(argv: Sequence[str]) -> None:
     ]
     if plot:
         sections.append(("Per-source scores", "![per-source scores](source_scores.png)"))
+    sections.extend(_granularity_sections(selection))
     path = write_markdown(os.path.join(rep.output_dir, "report.md"), "hf-subset-select report", sections)
     print(f"report written to {path}")
+
+
+def _granularity_sections(selection: Any) -> list[tuple[str, str]]:
+    """Report sections of a per-example or per-cluster selection: rows kept per source; the clusters' sizes,
+    scores, decisions and the sources they draw from."""
+    from .report import markdown_table
+
+    if selection.examples is None:
+        return []
+    info = selection.info
+    kept = info.get("kept_per_source", {})
+    table = selection.examples
+    total: dict[str, int] = {}
+    for src in table.sources:
+        total[src] = total.get(src, 0) + 1
+    rows = [[s, total.get(s, 0), kept.get(s, 0)] for s in selection.sources]
+    out = [
+        (
+            "Per example",
+            f"unit `{info.get('granularity', 'example')}`: kept {len(table.kept_ids)} of "
+            f"{len(table.example_ids)} scored training rows (the target's own rows are always kept).\n\n"
+            + markdown_table(["source", "rows", "kept rows"], rows),
+        )
+    ]
+    clusters = info.get("clusters")
+    if clusters:
+        chosen = set(clusters["selected"])
+        crow = []
+        for name, size in clusters["sizes"].items():
+            comp = sorted(clusters["composition"].get(name, {}).items(), key=lambda kv: -kv[1])
+            crow.append(
+                [
+                    name,
+                    size,
+                    clusters["scores"].get(name, float("nan")),
+                    "kept" if name in chosen else "dropped",
+                    clusters["weights"].get(name, 0.0),
+                    ", ".join(f"{s} {n}" for s, n in comp[:3]) + (" ..." if len(comp) > 3 else ""),
+                ]
+            )
+        out.append(
+            (
+                "Clusters",
+                f"{clusters['k']} clusters (spherical k-means on the projected gradients, seed {clusters['seed']}), "
+                f"selected with `{clusters['method']}`.\n\n"
+                + markdown_table(["cluster", "size", "score", "decision", "weight", "drawn from"], crow),
+            )
+        )
+    return out
 
 
 @dataclass

@@ -177,3 +177,49 @@ def test_estimate_with_the_budget_rule(cache_dir, tmp_path, capsys):
     # AdamW needs the meta-training optimizer's step size, which a synthetic cache does not have
     err = _error(capsys, [*argv, *budget, "--estimator_finetune_batch_size", "8"])
     assert "adam_scalars" in err
+
+
+def test_select_per_example_and_per_cluster(cache_dir, tmp_path, capsys):
+    """--unit example / --unit cluster write per-example selections of the same cache; the report shows the rows
+    kept per source and, for clusters, each cluster's size, score and decision."""
+    from hf_subset_select.collect.cache import GradientCache
+    from hf_subset_select.select.selection import SourceSelection
+
+    cache = GradientCache.load(cache_dir)
+    ex = tmp_path / "examples.json"
+    assert main(["select", "--cache", cache_dir, "--unit", "example", "--output", str(ex)]) == 0
+    sel = SourceSelection.load(str(ex), cache=cache)
+    assert sel.method == "example_first_order" and sel.examples is not None
+    kept = sel.info["kept_per_source"]
+    assert kept["aligned_0"] > kept["opposed_0"] and kept["aligned_1"] > kept["opposed_1"]
+    half = tmp_path / "half.json"
+    args = ["select", "--cache", cache_dir, "--unit", "example", "--method", "gradient_similarity"]
+    assert main([*args, "--fraction", "0.5", "--output", str(half)]) == 0
+    cos = SourceSelection.load(str(half), cache=cache)
+    assert cos.method == "example_gradient_similarity"
+    assert len(cos.examples.kept_ids) == len(cos.examples.example_ids) // 2
+
+    cl = tmp_path / "clusters.json"
+    argv = ["select", "--cache", cache_dir, "--unit", "cluster", "--clusters", "4", "--num_subsets", "300"]
+    assert main([*argv, "--output", str(cl)]) == 0
+    sel = SourceSelection.load(str(cl), cache=cache)
+    info = sel.info["clusters"]
+    assert info["k"] == 4 and sum(info["sizes"].values()) == len(sel.examples.example_ids)
+    assert set(info["selected"]) <= set(info["sizes"])
+    out_dir = tmp_path / "report"
+    capsys.readouterr()
+    assert main(["report", "--cache", cache_dir, "--selection", str(cl), "--output_dir", str(out_dir)]) == 0
+    text = (out_dir / "report.md").read_text()
+    assert "## Clusters" in text and "## Per example" in text
+    for name, size in info["sizes"].items():
+        decision = "kept" if name in info["selected"] else "dropped"
+        assert f"| {name} | {size} | {info['scores'][name]:.4f} | {decision} |" in text
+
+    # bad units and counts: one line, exit code 2
+    with pytest.raises(SystemExit) as info_exit:  # argparse's own choice check
+        main(["select", "--cache", cache_dir, "--unit", "row", "--output", str(cl)])
+    assert info_exit.value.code == 2
+    assert main(["select", "--cache", cache_dir, "--unit", "cluster", "--clusters", "0"]) == 2
+    assert main(["select", "--cache", cache_dir, "--unit", "example", "--method", "forward"]) == 2
+    err = capsys.readouterr().err
+    assert "--clusters must be >= 1" in err and "works on sources only" in err

@@ -243,3 +243,76 @@ def test_posthoc_variants_share_the_fine_tunes_of_the_same_subset() -> None:
     assert entry["variants_not_run"] == {
         "variant/other": ["c"]
     }  # only ours@base trained ["c"]: another start
+
+
+def test_finetuner_trains_on_explicit_example_ids() -> None:
+    """Finetuner.run(examples=...): target rows + the named rows; an id set made of whole sources is the same run
+    (memo) as those sources, and source-level keys are unchanged."""
+    from suite_runs import Finetuner, FinetuneSpec
+
+    trained: list[list[int]] = []
+
+    class FakeTask:
+        metric = "accuracy"
+
+        def finetune(self, model: Any, params: Any, rows: Any, **kw: Any) -> None:
+            trained.append([r["example_id"] for r in rows])
+
+        def score(self, model: Any, rows: Any) -> dict[str, float]:
+            return {"accuracy": float(len(trained[-1])), "loss": 0.0}
+
+    tuner = Finetuner.__new__(Finetuner)
+    tuner.task, tuner.spec, tuner.theta_star, tuner.model = FakeTask(), FinetuneSpec(1, 1e-3, 2), {}, None
+    tuner.params, tuner.fresh, tuner.memo, tuner.seconds, tuner.count, tuner.splits_scored = (
+        {},
+        {},
+        {},
+        0.0,
+        0,
+        [],
+    )
+    tuner._eval = {"test": [], "dev": []}
+    names = ["a"] * 4 + ["b"] * 4 + ["target"] * 2
+    tuner.train_rows = [{"source": s, "example_id": i} for i, s in enumerate(names)]
+
+    assert tuner.canonical((), [4, 5, 6, 7]) == (("b",), None)
+    assert tuner.canonical(("a",), [5, 1]) == (("a",), frozenset({5}))
+    assert tuner.run((), 0, examples=[5, 1])["metric"] == 4.0  # target 8, 9 + rows 1, 5
+    assert trained[-1] == [1, 5, 8, 9]
+    whole = tuner.run((), 0, examples=[4, 5, 6, 7])
+    assert trained[-1] == [4, 5, 6, 7, 8, 9] and tuner.count == 2
+    assert tuner.run(("b",), 0) == whole and tuner.count == 2  # the same fine-tune, memoized
+    assert ("theta_star", ("b",), None, 0, "test") in tuner.memo  # the source-level key, as before
+    assert tuner.run((), 0, examples=[]) == tuner.run((), 0) and tuner.count == 3  # nothing kept: target only
+
+
+def test_granularity_units_from_one_cache() -> None:
+    """granularity_suite.select_units: per-source, per-example, LESS cosine with as many rows, and clusters whose
+    sizes and compositions add up, all from one synthetic cache."""
+    import torch
+    from granularity_suite import select_units
+    from suite_runs import FinetuneSpec
+
+    from hf_subset_select.demo.synthetic import make_synthetic_cache
+
+    cache = make_synthetic_cache(2, 1, 1, dim=16, examples_per_source=30, seed=1)
+    # the meta-training AdamW's step scalars, which a real collection records (the budget λ rule needs them)
+    g, resid = (
+        cache.features.double()[cache.train_mask],
+        torch.sigmoid(-cache.outputs.double()[cache.train_mask]),
+    )
+    energy = float(((resid[:, None] * g) ** 2).sum(1).mean())
+    scalars = {"denominator": 0.02, "sum_denominator": 3.0, "sum_second_moment": energy}
+    cache.manifest["precondition"] = {"kind": "none", "adam_scalars": scalars}
+    methods, seconds = select_units(cache, FinetuneSpec(20, 1e-3, 4), [3])
+    n = methods.pop("_num_candidate_rows")["value"]
+    assert n == 120 and set(seconds) == {"per_source", "per_example", "less_cosine", "clusters_3"}
+    assert methods["target_only"]["rows_kept"] == 0
+    assert methods["per_source"]["rows_kept"] == 30 * len(methods["per_source"]["sources"])
+    assert 0 < methods["per_example"]["rows_kept"] == methods["less_cosine"]["rows_kept"] < n
+    kept = methods["per_example"]["kept_per_source"]
+    assert kept["aligned_0"] > kept["opposed_0"]
+    c = methods["clusters_3"]
+    assert sum(c["cluster_sizes"].values()) == n
+    assert {k: sum(v.values()) for k, v in c["cluster_composition"].items()} == c["cluster_sizes"]
+    assert c["rows_kept"] == sum(c["cluster_sizes"][k] for k in c["selected_clusters"])

@@ -5,6 +5,10 @@ gradients, so that the estimator and the selectors run on the clusters (docs/met
 * :func:`cluster_sources`: a new :class:`~hf_subset_select.GradientCache` whose clustered training rows carry
   the cluster names (``cluster_00`` = the largest) and the mapping ``example_id -> cluster``; tag the dataset
   with :func:`~hf_subset_select.data.sources.tag_clusters` so a selection on the clusters applies to it.
+* :func:`select_clusters`: cluster, estimate and select on the clusters, returned as a per-example
+  :class:`~hf_subset_select.SourceSelection` of the original cache (each row gets its cluster's decision and
+  weight), so it applies to the untouched dataset like a per-example selection; ``info["clusters"]`` holds the
+  cluster sizes, scores, decisions and which sources each cluster draws from.
 * :func:`adjusted_rand_index`: agreement of two labelings (1 = identical up to names, about 0 = chance).
 """
 
@@ -18,7 +22,7 @@ import torch
 
 from ..collect.cache import GradientCache
 
-__all__ = ["spherical_kmeans", "cluster_sources", "adjusted_rand_index"]
+__all__ = ["spherical_kmeans", "cluster_sources", "select_clusters", "adjusted_rand_index"]
 
 
 def spherical_kmeans(
@@ -131,6 +135,112 @@ def cluster_sources(
         },
     }
     return cache.replace(source_index=source_index, sources=new_sources, manifest=manifest), mapping
+
+
+def select_clusters(
+    cache: GradientCache,
+    k: int,
+    *,
+    estimator_config: Any = None,
+    select_config: Any = None,
+    seed: int = 0,
+    sources: Sequence[str] | None = None,
+) -> Any:
+    """Cluster the pool into ``k`` pseudo-sources (:func:`cluster_sources`), run the estimator and
+    :func:`~hf_subset_select.select_sources` on them, and return the decision per example of ``cache``.
+
+    Args:
+        cache: the gradient cache of the (untagged or coarsely tagged) pool.
+        k: number of clusters.
+        estimator_config: :class:`~hf_subset_select.EstimatorConfig` of the estimator on the cluster cache (default:
+            ``EstimatorConfig()``; use ``EstimatorConfig.from_training_args`` for the budget λ of the fine-tune).
+        select_config: :class:`~hf_subset_select.SelectConfig` of the cluster-level selection (default: defaults).
+        seed: seed of the clustering.
+        sources: the training sources pooled (default: all but the target's own).
+
+    Returns:
+        A :class:`~hf_subset_select.SourceSelection` on ``cache`` (its fingerprint, its source names) with an example
+        table: a clustered row's score is its cluster's, its weight its cluster's weight (0 for a dropped cluster),
+        rescaled to average 1 over the kept rows. A source's score is its rows' mean and it counts as selected when
+        it keeps some rows. ``info["clusters"]``: k, seed, ``sizes``, ``scores``, ``selected``, ``weights`` and
+        ``composition`` (rows per original source) of every cluster, and the cluster-level method.
+    """
+    from ..config import EstimatorConfig
+    from ..estimate.estimator import FirstOrderEstimator
+    from .baselines import CacheCandidates
+    from .registry import select_sources
+    from .selection import ExampleTable, SourceSelection, cache_manifest
+
+    clustered, mapping = cluster_sources(cache, k, sources=sources, seed=seed)
+    est = FirstOrderEstimator(
+        clustered, estimator_config if estimator_config is not None else EstimatorConfig()
+    )
+    picked = select_sources(est, config=select_config)
+    ids = cache.example_ids.tolist()
+    row_source = {int(i): cache.sources[int(s)] for i, s in zip(ids, cache.source_index.tolist())}
+    order = [int(i) for i in ids if int(i) in mapping]
+    cluster_of = [mapping[i] for i in order]
+    raw = torch.tensor([float(picked.weights.get(c, 0.0)) for c in cluster_of], dtype=torch.float64)
+    kept = raw > 0
+    weights = torch.zeros_like(raw)
+    if bool(kept.any()):
+        weights[kept] = raw[kept] / raw[kept].mean()
+    scores = [float(picked.scores[c]) for c in cluster_of]
+    composition: dict[str, dict[str, int]] = {c: {} for c in clustered.manifest["clusters"]["sizes"]}
+    for i, c in zip(order, cluster_of):
+        composition[c][row_source[i]] = composition[c].get(row_source[i], 0) + 1
+    candidates = CacheCandidates.of(cache)
+    names = list(candidates.sources)
+    per_source: dict[str, list[tuple[float, bool]]] = {n: [] for n in names}
+    for i, score, keep in zip(order, scores, kept.tolist()):
+        if row_source[i] in per_source:
+            per_source[row_source[i]].append((score, keep))
+    selected = [n for n in names if any(keep for _, keep in per_source[n])]
+    info = {
+        "granularity": "cluster",
+        "l2": est.resolved_l2(),
+        "l2_rule": est.l2_rule,
+        "num_examples": len(order),
+        "kept_examples": int(kept.sum()),
+        "kept_per_source": {n: sum(keep for _, keep in per_source[n]) for n in names},
+        "clusters": {
+            "k": k,
+            "seed": seed,
+            "method": picked.method,
+            "sizes": clustered.manifest["clusters"]["sizes"],
+            "scores": dict(picked.scores),
+            "selected": list(picked.selected),
+            "weights": dict(picked.weights),
+            "composition": composition,
+            "cluster_cache_fingerprint": clustered.fingerprint(),
+        },
+    }
+    manifest = cache_manifest(cache)
+    manifest["select_config"] = {
+        **picked.manifest.get("select_config", {}),
+        "unit": "cluster",
+        "k": k,
+        "cluster_seed": seed,
+    }
+    if "estimator_config" in picked.manifest:
+        manifest["estimator_config"] = picked.manifest["estimator_config"]
+    return SourceSelection(
+        method=f"clusters_{picked.method}",
+        sources=names,
+        scores={
+            n: (sum(v for v, _ in rows) / len(rows) if rows else float("nan"))
+            for n, rows in per_source.items()
+        },
+        selected=selected,
+        weights={n: (1.0 if n in selected else 0.0) for n in names},
+        target_source=candidates.target_source,
+        lower_is_better=picked.lower_is_better,
+        info=info,
+        manifest=manifest,
+        examples=ExampleTable(
+            example_ids=order, sources=[row_source[i] for i in order], scores=scores, weights=weights.tolist()
+        ),
+    )
 
 
 def adjusted_rand_index(a: Sequence[Any] | torch.Tensor, b: Sequence[Any] | torch.Tensor) -> float:

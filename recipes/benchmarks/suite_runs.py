@@ -77,6 +77,24 @@ class Finetuner:
         self.seconds, self.count = 0.0, 0
         self.splits_scored: list[str] = []
 
+    def canonical(
+        self, subset: Sequence[str], examples: Sequence[int] | None
+    ) -> tuple[Subset, frozenset[int] | None]:
+        """``(sources, None)`` when ``subset`` plus the rows of ``examples`` are whole sources, else ``(subset, ids)``
+        with the ids of rows outside ``subset`` (the memo key of a per-example run)."""
+        subset = tuple(sorted(subset))
+        if examples is None:
+            return subset, None
+        ids = {int(i) for i in examples}
+        by_source: dict[str, set[int]] = {}
+        for r in self.train_rows:
+            if r["source"] != "target" and r["source"] not in subset:
+                by_source.setdefault(r["source"], set()).add(int(r["example_id"]))
+        kept = {s: rows & ids for s, rows in by_source.items()}
+        if all(not k or k == by_source[s] for s, k in kept.items()):
+            return tuple(sorted({*subset, *(s for s, k in kept.items() if k)})), None
+        return subset, frozenset(i for k in kept.values() for i in k)
+
     def start_values(self, start: str, seed: int) -> dict[str, torch.Tensor]:
         """θ* (``theta_star``) or the fresh adapter and head of ``seed`` on the base model (``base``)."""
         if start == "theta_star":
@@ -87,11 +105,20 @@ class Finetuner:
         return self.fresh[seed]
 
     def training_rows(
-        self, subset: Subset, weights: dict[str, float] | None, seed: int
+        self,
+        subset: Subset,
+        weights: dict[str, float] | None,
+        seed: int,
+        examples: frozenset[int] | None = None,
     ) -> list[dict[str, Any]]:
-        """The target's rows plus ``subset``'s; with ``weights`` as many rows drawn with the per-example sampling
-        weights of their sources (target 1), with replacement (the selection's weight mode)."""
-        rows = subset_rows(self.train_rows, subset)
+        """The target's rows plus ``subset``'s (plus the rows whose ``example_id`` is in ``examples``: a per-example or
+        per-cluster selection); with ``weights`` as many rows drawn with the per-example sampling weights of their
+        sources (target 1), with replacement (the selection's weight mode)."""
+        if examples is None:
+            rows = subset_rows(self.train_rows, subset)
+        else:
+            keep = {"target", *subset}
+            rows = [r for r in self.train_rows if r["source"] in keep or int(r["example_id"]) in examples]
         if weights is None:
             return rows
         w = torch.tensor([1.0 if r["source"] == "target" else weights.get(r["source"], 0.0) for r in rows])
@@ -106,15 +133,23 @@ class Finetuner:
         start: str = "theta_star",
         weights: dict[str, float] | None = None,
         split: str = "test",
+        examples: Sequence[int] | None = None,
     ) -> dict[str, float]:
-        """``{"metric", "loss", "seconds"}`` of the fine-tune on target + ``subset`` scored on ``split``."""
-        subset = tuple(sorted(subset))
+        """``{"metric", "loss", "seconds"}`` of the fine-tune on target + ``subset`` scored on ``split``.
+
+        ``examples``: also train on the candidate rows with these ``example_id`` s (a per-example or per-cluster
+        selection). A set of ids that is exactly the union of whole sources is run (and memoized) as that subset, so
+        a finer selection that keeps whole sources shares the source-level fine-tunes.
+        """
+        subset, kept = self.canonical(subset, examples)
         wkey = None if weights is None else tuple(sorted((s, round(weights.get(s, 0.0), 6)) for s in subset))
-        key = (start, subset, wkey, seed, split)
+        key: tuple = (start, subset, wkey, seed, split)
+        if kept is not None:
+            key = (*key, kept)
         if key not in self.memo:
             t0 = time.perf_counter()
             restore(self.params, self.start_values(start, seed))
-            rows = self.training_rows(subset, weights, seed)
+            rows = self.training_rows(subset, weights, seed, kept)
             s = self.spec
             self.task.finetune(
                 self.model,

@@ -97,3 +97,41 @@ def test_tag_clusters_makes_the_selection_apply(pool):
         tag_clusters(ds.remove_columns("example_id"), mapping)
     with pytest.raises(ValueError, match="another"):
         tag_clusters(ds, {10**12: "cluster_00"})
+
+
+def test_select_clusters_is_a_per_example_selection_of_the_original_cache(pool, tmp_path):
+    from datasets import Dataset
+
+    from hf_subset_select import SourceSelection
+    from hf_subset_select.select.clusters import select_clusters
+
+    cache, (clustered, mapping) = pool
+    sel = select_clusters(cache, 3, select_config=SelectConfig(num_subsets=200), seed=0)
+    info = sel.info["clusters"]
+    assert info["sizes"] == clustered.manifest["clusters"]["sizes"]
+    assert sum(info["composition"]["cluster_00"].values()) == info["sizes"]["cluster_00"]
+    # the kept cluster is the aligned source's rows, so exactly its rows keep a weight
+    aligned = set(cache.example_ids[cache.source_index == cache.source_id("aligned_0")].tolist())
+    assert info["composition"][info["selected"][0]] == {"aligned_0": 80} and len(info["selected"]) == 1
+    assert set(sel.examples.kept_ids) == aligned
+    assert sel.selected == ["aligned_0"] and sel.info["kept_per_source"]["opposed_0"] == 0
+    # each row carries its cluster's score; tied to the original cache (fingerprint), saved and loaded back
+    by_id = dict(zip(sel.examples.example_ids, sel.examples.scores))
+    assert all(by_id[i] == info["scores"][c] for i, c in mapping.items())
+    path = tmp_path / "sel.json"
+    sel.save(path)
+    back = SourceSelection.load(path, cache=cache)
+    assert back.examples == sel.examples and back.info["clusters"]["selected"] == info["selected"]
+    # applies to the untouched tagged dataset (no relabelling needed): target rows + the kept cluster's rows
+    rows = torch.nonzero(cache.train_mask).flatten()
+    ds = Dataset.from_dict(
+        {
+            "text": [f"r{i}" for i in range(rows.numel())],
+            "source": [cache.sources[i] for i in cache.source_index[rows].tolist()],
+            "example_id": cache.example_ids[rows].tolist(),
+        }
+    )
+    kept = sel.apply(ds)
+    assert set(kept["example_id"]) - aligned == set(
+        cache.example_ids[cache.source_index == cache.source_id("target_train")].tolist()
+    )

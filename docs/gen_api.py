@@ -21,7 +21,14 @@ GROUPS = [
     ),
     (
         "1-2. Meta initialization θ* and the gradient cache",
-        ["MetaInitCallback", "load_meta_init", "GradientCollector", "GradientCache", "GradientCacheError", "StorageWriteError"],
+        [
+            "MetaInitCallback",
+            "load_meta_init",
+            "GradientCollector",
+            "GradientCache",
+            "GradientCacheError",
+            "StorageWriteError",
+        ],
     ),
     ("3. Estimation", ["FirstOrderEstimator", "calibrate", "forward_check"]),
     ("4. Selection", ["select_sources", "SourceSelection", "verify_selection"]),
@@ -47,6 +54,10 @@ MODULES = [
     (
         "hf_subset_select.estimate.targets",
         "`MultiTargetEstimator`: several targets against one training cache (one solve for all)",
+    ),
+    (
+        "hf_subset_select.select.seeds",
+        "`select_over_seeds`: one selection over caches of several projection seeds",
     ),
     (
         "hf_subset_select.select.targets",

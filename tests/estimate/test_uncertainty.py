@@ -138,3 +138,34 @@ def test_estimate_intervals_and_the_seed_ensemble():
     torch.testing.assert_close(both.point, iv.point + 0.1)
     assert bool(((both.upper - both.lower) > (iv.upper - iv.lower)).all())
     assert combine_seeds([iv]) is iv
+
+
+def test_selection_over_projection_seeds():
+    from hf_subset_select.select.seeds import select_over_seeds
+
+    # the same rows seen through three random projections of a 48-dim gradient space down to d = 24
+    base = make_synthetic_cache(2, 2, 1, dim=48, target_examples=30, seed=8)
+    estimators = []
+    for seed in range(3):
+        p = torch.randn(48, 24, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) / 24**0.5
+        estimators.append(FirstOrderEstimator(base.replace(features=(base.features.double() @ p).float())))
+    config = SelectConfig(
+        num_subsets=128, interval_level=0.95, bootstrap_samples=300, require_significant=True
+    )
+    combined = select_over_seeds(estimators, config)
+    singles = [select_sources(e, config=config) for e in estimators]
+    for s in combined.sources:
+        mean = sum(sel.scores[s] for sel in singles) / 3
+        assert combined.scores[s] == pytest.approx(mean)
+        lo, hi = combined.info["intervals"]["scores"][s]
+        assert lo <= combined.scores[s] <= hi
+    assert all(combined.info["intervals"]["effects"][s][1] < 0 for s in combined.selected)
+    assert len(combined.info["seeds"]) == 3
+    one = select_over_seeds(estimators[:1], config)  # one seed: the plain selection
+    assert one.info["intervals"]["effects"] == singles[0].info["intervals"]["effects"]
+    assert one.selected == singles[0].selected
+    other = FirstOrderEstimator(
+        make_synthetic_cache(2, 2, 1, dim=24, target_examples=30, examples_per_source=10)
+    )
+    with pytest.raises(ValueError, match="different sources or rows"):
+        select_over_seeds([estimators[0], other], config)

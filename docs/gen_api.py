@@ -27,7 +27,6 @@ GROUPS = [
             "GradientCollector",
             "GradientCache",
             "GradientCacheError",
-            "StorageWriteError",
         ],
     ),
     ("3. Estimation", ["FirstOrderEstimator", "calibrate", "forward_check"]),
@@ -43,6 +42,10 @@ MODULES = [
     (
         "hf_subset_select.data.sources",
         "column names (`SOURCE_COLUMN`, `EXAMPLE_ID_COLUMN`), `source_counts`, `tag_clusters`",
+    ),
+    (
+        "hf_subset_select.io_utils",
+        "`StorageWriteError`: a file could not be written (an `OSError`: disk full, quota, read-only)",
     ),
     ("hf_subset_select.collect.outputs", "output functions f (by name, or your own callable)"),
     ("hf_subset_select.collect.projection", "projectors (Rademacher, Gaussian, sparse JL, identity)"),

@@ -43,7 +43,6 @@ _EXPORTS: dict[str, str] = {
     "GradientCollector": "collect.collector",
     "GradientCache": "collect.cache",
     "GradientCacheError": "collect.cache",
-    "StorageWriteError": "io_utils",
     # 3. estimate
     "FirstOrderEstimator": "estimate.estimator",
     "calibrate": "estimate.validation",
@@ -89,7 +88,6 @@ if TYPE_CHECKING:  # pragma: no cover - static re-exports for type checkers and 
     )
     from .estimate.estimator import FirstOrderEstimator
     from .estimate.validation import calibrate, forward_check
-    from .io_utils import StorageWriteError
     from .select.registry import select_sources
     from .select.selection import SourceSelection
     from .select.verify import verify_selection

@@ -61,7 +61,9 @@ def parse_args(argv: list[str] | None = None) -> Any:
     return parser.parse_args(argv)
 
 
-def collect_both(task: Any, data: Any, settings: dict[str, Any], seed: int, work: str) -> tuple[Any, dict, float]:
+def collect_both(
+    task: Any, data: Any, settings: dict[str, Any], seed: int, work: str
+) -> tuple[Any, dict, float]:
     """θ* and two caches (``none``: raw gradients, ``auto``: Adam geometry) from one meta-training run."""
     from datasets import Dataset
 
@@ -90,7 +92,12 @@ def collect_both(task: Any, data: Any, settings: dict[str, Any], seed: int, work
     )
     trained_on = Dataset.from_list(task.rows(data.train))
     model, seconds = meta_train(
-        task.make_model(seed), targs, data.train, task.collate, list(collectors.values()), train_dataset=trained_on
+        task.make_model(seed),
+        targs,
+        data.train,
+        task.collate,
+        list(collectors.values()),
+        train_dataset=trained_on,
     )
     return model, {k: c.cache for k, c in collectors.items()}, seconds
 
@@ -100,7 +107,9 @@ def outputs_at(task: Any, model: Any, rows: list[dict[str, Any]]) -> torch.Tenso
     return task.score(model, rows)["f"]
 
 
-def directional(task: Any, model: Any, params: dict, theta: dict, delta: dict, rows: list, eps: float) -> torch.Tensor:
+def directional(
+    task: Any, model: Any, params: dict, theta: dict, delta: dict, rows: list, eps: float
+) -> torch.Tensor:
     """∇f_jᵀ Δθ for every row by a central difference with step ``eps`` · Δθ (parameters restored to ``theta``)."""
     shifted = []
     for sign in (1.0, -1.0):
@@ -173,6 +182,77 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+GEOMETRY_INPUTS = (
+    "spec",
+    "subsets",
+    "truth",
+    "rows",
+    "dev_rows",
+    "theta",
+    "names",
+    "names_shapes",
+    "deltas",
+    "tuner",
+    "data",
+    "task",
+)
+
+
+def diagnose_geometry(cache: Any, ctx: dict[str, Any]) -> dict[str, Any]:
+    """Budget estimates, a λ sweep, the lifted steps against the real ones and the forward check for one cache."""
+    from hf_subset_select import EstimatorConfig, FirstOrderEstimator
+    from hf_subset_select.estimate.validation import forward_check
+
+    spec, subsets, truth, rows, dev_rows, theta = (
+        ctx[k] for k in ("spec", "subsets", "truth", "rows", "dev_rows", "theta")
+    )
+    names, names_shapes, deltas, tuner, data, task = (
+        ctx[k] for k in ("names", "names_shapes", "deltas", "tuner", "data", "task")
+    )
+    est = FirstOrderEstimator(cache, EstimatorConfig())
+    lam = est.budget_l2(spec.lr, spec.steps, "adamw", spec.batch_size)
+    sweep = []
+    for factor in L2_FACTORS:
+        est.l2, est.step_scale = lam * factor, 1.0
+        e = est.estimate([list(s) for s in subsets]).tolist()
+        sweep.append(
+            {"l2_factor": factor, "l2": lam * factor, "spearman": spearman(e, truth), "estimates": e}
+        )
+    est.l2, est.step_scale = lam, 1.0
+    estimates = est.estimate([list(s) for s in subsets]).tolist()
+    steps = lifted_step(est, cache, names_shapes, subsets)
+    # predicted output change of every dev row (g_jᵀ ŵ_S, rows in the order of ``dev_rows``) against the real one
+    where = {int(cache.example_ids[k]): k for k in torch.nonzero(cache.target_mask).reshape(-1).tolist()}
+    feats = cache.features[torch.tensor([where[int(r["example_id"])] for r in dev_rows])].double()
+    predicted_dz = [(feats @ w.double()).tolist() for w in est.fitted_steps([list(s) for s in subsets])]
+    dz_corr, dz_ratio = [], []
+    for e, p in zip(rows, predicted_dz):
+        a, b = torch.tensor(p), torch.tensor(e["real_output_change"])
+        dz_corr.append(float(torch.corrcoef(torch.stack([a, b]))[0, 1]))
+        dz_ratio.append(float(a.mean() / b.mean()) if abs(float(b.mean())) > 1e-12 else None)
+    cos, ratio = [], []
+    for s, step in zip(subsets, steps):
+        a, b = flat(step, names), flat(deltas[s], names)
+        cos.append(float(a @ b / (a.norm() * b.norm() + 1e-30)))
+        ratio.append(float(a.norm() / (b.norm() + 1e-30)))
+    fw = forward_check(est, tuner.model, [list(s) for s in subsets], data.dev, tokenizer=task.tokenizer)
+    restore(tuner.params, theta)
+    return {
+        "budget_l2": lam,
+        "budget_estimates": estimates,
+        "budget_spearman": spearman(estimates, truth),
+        "forward_check": fw.tolist(),
+        "forward_check_spearman": spearman(fw.tolist(), truth),
+        "step_cosine_with_real": cos,
+        "predicted_output_change": predicted_dz,
+        "output_change_correlation_with_real": dz_corr,
+        "mean_output_change_ratio_to_real": dz_ratio,
+        "step_norm_ratio_to_real": ratio,
+        "l2_sweep": sweep,
+        "best_sweep_spearman": max(x["spearman"] for x in sweep),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.summarize:
@@ -187,9 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     limit_threads(args.threads, blas=True)
     from suite import make_task
 
-    from hf_subset_select import EstimatorConfig, FirstOrderEstimator
     from hf_subset_select.collect.projection import make_projector
-    from hf_subset_select.estimate.validation import forward_check
 
     t_start = time.perf_counter()
     task, settings = make_task(args.task, args)
@@ -250,47 +328,11 @@ def main(argv: list[str] | None = None) -> None:
 
     truth = [e["real"] for e in rows]
     geometry: dict[str, Any] = {}
+    scope = locals()  # what diagnose_geometry reads, by name
+    ctx = {k: scope[k] for k in GEOMETRY_INPUTS}
     for kind, cache in caches.items():
-        est = FirstOrderEstimator(cache, EstimatorConfig())
-        lam = est.budget_l2(spec.lr, spec.steps, "adamw", spec.batch_size)
-        sweep = []
-        for factor in L2_FACTORS:
-            est.l2, est.step_scale = lam * factor, 1.0
-            e = est.estimate([list(s) for s in subsets]).tolist()
-            sweep.append({"l2_factor": factor, "l2": lam * factor, "spearman": spearman(e, truth), "estimates": e})
-        est.l2, est.step_scale = lam, 1.0
-        estimates = est.estimate([list(s) for s in subsets]).tolist()
-        steps = lifted_step(est, cache, names_shapes, subsets)
-        # predicted output change of every dev row (g_jᵀ ŵ_S, rows in the order of ``dev_rows``) against the real one
-        where = {int(cache.example_ids[k]): k for k in torch.nonzero(cache.target_mask).reshape(-1).tolist()}
-        feats = cache.features[torch.tensor([where[int(r["example_id"])] for r in dev_rows])].double()
-        predicted_dz = [(feats @ w.double()).tolist() for w in est.fitted_steps([list(s) for s in subsets])]
-        dz_corr, dz_ratio = [], []
-        for e, p in zip(rows, predicted_dz):
-            a, b = torch.tensor(p), torch.tensor(e["real_output_change"])
-            dz_corr.append(float(torch.corrcoef(torch.stack([a, b]))[0, 1]))
-            dz_ratio.append(float(a.mean() / b.mean()) if abs(float(b.mean())) > 1e-12 else None)
-        cos, ratio = [], []
-        for s, step in zip(subsets, steps):
-            a, b = flat(step, names), flat(deltas[s], names)
-            cos.append(float(a @ b / (a.norm() * b.norm() + 1e-30)))
-            ratio.append(float(a.norm() / (b.norm() + 1e-30)))
-        fw = forward_check(est, tuner.model, [list(s) for s in subsets], data.dev, tokenizer=task.tokenizer)
-        restore(tuner.params, theta)
-        geometry[kind] = {
-            "budget_l2": lam,
-            "budget_estimates": estimates,
-            "budget_spearman": spearman(estimates, truth),
-            "forward_check": fw.tolist(),
-            "forward_check_spearman": spearman(fw.tolist(), truth),
-            "step_cosine_with_real": cos,
-            "predicted_output_change": predicted_dz,
-            "output_change_correlation_with_real": dz_corr,
-            "mean_output_change_ratio_to_real": dz_ratio,
-            "step_norm_ratio_to_real": ratio,
-            "l2_sweep": sweep,
-            "best_sweep_spearman": max(x["spearman"] for x in sweep),
-        }
+        geometry[kind] = diagnose_geometry(cache, ctx)
+        cos, ratio = geometry[kind]["step_cosine_with_real"], geometry[kind]["step_norm_ratio_to_real"]
         print(
             f"{kind}: budget spearman {geometry[kind]['budget_spearman']:.3f}, forward check "
             f"{geometry[kind]['forward_check_spearman']:.3f}, best over λ {geometry[kind]['best_sweep_spearman']:.3f}, "
@@ -313,7 +355,8 @@ def main(argv: list[str] | None = None) -> None:
         "cached_dev_outputs_max_abs_diff": cached_f_max_diff,
         "subsets": rows,
         "linear_at_real_step_spearman": spearman(lin, truth),
-        "linear_at_real_step_mean_relative_error": sum(abs(a - b) / b for a, b in zip(lin, truth)) / len(truth),
+        "linear_at_real_step_mean_relative_error": sum(abs(a - b) / b for a, b in zip(lin, truth))
+        / len(truth),
         "no_change_mean_relative_error": sum(abs(base - b) / b for b in truth) / len(truth),
         "geometry": geometry,
         "cache_dirs": {k: os.path.join(work, f"grad_cache_{k}") for k in caches},

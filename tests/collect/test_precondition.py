@@ -313,9 +313,18 @@ def test_preconditioner_file_round_trip_and_tampering(tmp_path):
     with pytest.raises(GradientCacheError, match="missing"):
         GradientCache.load(tmp_path / "c")
     # caches written before preconditioning existed load as raw-gradient caches
+    # (an old release wrote neither the `precondition` key nor the manifest's SHA-256 into the data file)
+    from safetensors.torch import load_file
+
+    from hf_subset_select.collect.cache import DATA_NAME
+    from hf_subset_select.io_utils import file_record
+
     base.save(tmp_path / "old")
+    data_path = tmp_path / "old" / DATA_NAME
+    save_file(load_file(str(data_path)), str(data_path))
     old = json.loads((tmp_path / "old" / "manifest.json").read_text())
     del old["precondition"]
+    old["files"][DATA_NAME] = file_record(str(data_path))
     (tmp_path / "old" / "manifest.json").write_text(json.dumps(old))
     assert GradientCache.load(tmp_path / "old").preconditioner is None
     with pytest.raises(GradientCacheError, match="positive"):

@@ -15,7 +15,6 @@ from hf_subset_select import (
     CollectConfig,
     GradientCache,
     GradientCollector,
-    StorageWriteError,
     tag_sources,
     tag_target_eval,
 )
@@ -28,7 +27,7 @@ from hf_subset_select.demo.toy import (
     perturb_lora,
     toy_text_dataset,
 )
-from hf_subset_select.io_utils import fingerprint_tensors
+from hf_subset_select.io_utils import StorageWriteError, fingerprint_tensors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

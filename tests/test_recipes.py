@@ -215,44 +215,7 @@ def test_target_metric_module_loads_by_path():
         metric_path("nope")
 
 
-# Run in fresh interpreters by torchrun: forking the test process (accelerate.debug_launcher) after torch has
-# started its intra-op threads can deadlock the children.
-_FSDP_WORKER = """
-import os, sys
-import torch.distributed as dist
-from torch.distributed.fsdp import fully_shard
-from hf_subset_select import CollectConfig, GradientCollector, tag_sources, tag_target_eval
-from hf_subset_select.collect.per_example import ShardedParametersError
-from hf_subset_select.demo.toy import make_tiny_causal_lm, make_tokenizer, toy_text_dataset
-
-dist.init_process_group("gloo")
-assert dist.get_world_size() == 2
-train = tag_sources({"add": toy_text_dataset("add", 4, 1), "sub": toy_text_dataset("sub", 4, 2)}, target="add")
-target = tag_target_eval(toy_text_dataset("add", 2, 3), "add_eval")
-model = make_tiny_causal_lm("llama", hidden=16, layers=1)
-for layer in model.model.layers:
-    fully_shard(layer)
-fully_shard(model)
-collector = GradientCollector(CollectConfig(proj_dim=16), train_dataset=train, target_dataset=target)
-try:
-    collector.collect(model, make_tokenizer(), output_dir=os.path.join(os.path.dirname(sys.argv[1]), "cache"))
-    message = "no error"
-except ShardedParametersError as exc:
-    message = f"ShardedParametersError: {exc}"
-with open(f"{sys.argv[1]}.{dist.get_rank()}", "w", encoding="utf-8") as handle:
-    handle.write(message)
-dist.destroy_process_group()
-"""
-
-
-@pytest.mark.multiprocess
-def test_fsdp_sharded_parameters_refused_by_collector(tmp_path, torchrun):
-    """What docs/distributed.md states: under FSDP2 (2 ranks, gloo) the collector refuses with a clear error."""
-    torchrun(_FSDP_WORKER, [str(tmp_path / "result.txt")])
-    for rank in (0, 1):  # every rank refuses, before any work
-        text = (tmp_path / f"result.txt.{rank}").read_text()
-        assert text.startswith("ShardedParametersError") and "DDP / ZeRO-2" in text
-    assert not (tmp_path / "cache" / "cache.safetensors").exists()
+# FSDP2: tests/collect/test_sharded.py (the collector runs sharded and its cache equals the unsharded one).
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -54,11 +54,12 @@ from .compat import TargetCacheMismatchError, check_collection, train_geometry
 from .distributed import DistState, dist_state
 from .engine import GradientEngine, base_config, pad_token_id
 from .outputs import OutputSpec, resolve_output_fn
-from .per_example import check_not_sharded, trainable_parameters
+from .per_example import trainable_parameters
 from .precondition import resolve_preconditioner
 from .projection import Projector, make_projector
 from .rows import EncodedRows, RowPlan, RowSource, plan_rows
 from .selfcheck import CollectionSelfCheckError, self_check
+from .sharded import full_tensors, idle_batches, is_fsdp2, max_over_ranks, sharded_optimizer
 from .store import CollectionMismatchError, GradientStore, collection_key
 from .trainer_rows import TrainerRows
 
@@ -193,7 +194,7 @@ class GradientCollector(TrainerCallback):
         Raises:
             CollectionMismatchError: ``output_dir`` holds a cache or partial collection made with other settings,
                 parameters or data (and ``config.overwrite`` is False).
-            ShardedParametersError: parameters are sharded (FSDP / ZeRO-3).
+            ShardedParametersError: sharding the collector cannot use (FSDP1, ZeRO-3; see :mod:`.sharded`).
             PreconditionerError: ``config.precondition="adam"`` and the optimizer has no Adam state.
             CollectionSelfCheckError: the cached outputs of the sampled rows differ from the model's own forward
                 pass on the rows the trainer trains on (``config.self_check``).
@@ -208,7 +209,7 @@ class GradientCollector(TrainerCallback):
         dist, start_time = dist_state(), time.perf_counter()
         spec = resolve_output_fn(model, self.output_fn or cfg.output_fn, prob_clamp=cfg.prob_clamp)
         named = trainable_parameters(model)
-        check_not_sharded(model, named)
+        optimizer = sharded_optimizer(model, named, optimizer, cfg)  # refuses what cannot run sharded, up front
         projector = make_projector(
             cfg.proj_type,
             cfg.proj_dim,
@@ -218,7 +219,7 @@ class GradientCollector(TrainerCallback):
             chunk_size=cfg.proj_chunk_size,
             cache_mb=cfg.proj_cache_mb,
         )
-        theta_fp = fingerprint_tensors(named)
+        theta_fp = fingerprint_tensors(full_tensors(named))  # FSDP2: the full tensors, as unsharded
         if self.train_cache is not None:  # a target-only collection: the training cache's geometry, checked
             scale, precondition = train_geometry(
                 self.train_cache, cfg, model, named, optimizer, preconditioner, dist
@@ -376,7 +377,11 @@ class GradientCollector(TrainerCallback):
         """Compute and write this rank's pending shards; returns the seconds spent computing."""
         from tqdm.auto import tqdm
 
-        if not mine:
+        # FSDP2: every batch is a collective, so every rank runs as many batches as the busiest one
+        fsdp = is_fsdp2(engine.model)
+        batches = sum(-(-len(store.shard_rows(i)) // engine.batch_size) for i in mine)
+        idle = max_over_ranks(batches) - batches if fsdp else 0
+        if not mine and not idle:
             return 0.0
         compute_s = 0.0
         total = sum(len(store.shard_rows(i)) for i in mine)
@@ -395,6 +400,9 @@ class GradientCollector(TrainerCallback):
                 tensors["split"] = torch.tensor([r.split for r in rows], dtype=torch.int8)
                 store.write_shard(index, tensors)
                 kill_point("shard_written", index)
+            if idle:
+                first = plan.rows[0]
+                idle_batches(engine, idle, source.encode(first.split, first.row))
         bar.close()
         return compute_s
 

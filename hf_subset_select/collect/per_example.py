@@ -302,13 +302,15 @@ class PerExampleGradients:
         if method != "auto" and method not in self.methods:
             choices = ", ".join(repr(m) for m in ["auto", *self.methods])
             raise ValueError(f"method={method!r} is not valid; choose one of {choices}.")
+        from .sharded import sharded_method
+
         self.model = model
         self.spec = output_spec
+        self.named = trainable_parameters(model)
+        method = sharded_method(model, self.named, method)  # FSDP2: "hooks"; other sharding is refused
         self.method = method
         self.requested = method
         self.with_representations = with_representations
-        self.named = trainable_parameters(model)
-        check_not_sharded(model, self.named)
         self.param_shapes = {n: tuple(p.shape) for n, p in self.named}
         self.dtype = _model_dtype(model)
         self.causal = True if output_spec.kind == "causal_lm" else False

@@ -54,7 +54,7 @@ logger = get_logger(__name__)
 
 
 class ShardedParametersError(RuntimeError):
-    """Parameters are sharded across processes (FSDP / DeepSpeed ZeRO-3): per-example gradients are undefined."""
+    """Parameters are sharded in a way the collector cannot use (FSDP1, DeepSpeed ZeRO-3; see collect/sharded.py)."""
 
 
 def trainable_parameters(model: Any) -> list[tuple[str, torch.nn.Parameter]]:

@@ -82,10 +82,14 @@ def forward_seconds(num_sources: int, dim: int, seed: int) -> float:
 
 
 def main() -> None:
-    args = benchmark_parser(__doc__, seed_help="seed of the synthetic caches and subsets").parse_args()
+    parser = benchmark_parser(__doc__, seed_help="seed of the synthetic caches and subsets")
+    parser.add_argument("--reduced", action="store_true", help="d in {128, 2048}, 10^3 and 10^4 subsets, 2 repeats")
+    args = parser.parse_args()
     q = args.quick
     dims, counts, repeats = ([128, 512], [1000], 1) if q else ([128, 512, 2048, 8192], [1000, 10_000, 100_000], 3)
-    result: dict = {"benchmark": "scale", "quick": q, "load_average_start": load_average(), "table": {}}
+    if args.reduced and not q:
+        dims, counts, repeats = [128, 2048], [1000, 10_000], 2
+    result: dict = {"benchmark": "scale", "quick": q, "reduced": args.reduced, "load_average_start": load_average(), "table": {}}
     t_start = time.perf_counter()
     for d in dims:
         cache = _cache(d, q, args.seed)

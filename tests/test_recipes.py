@@ -447,3 +447,20 @@ def test_harness_estimation_call_sites(harness):
     projected = est_mod.caches_by_dim(cache, ["identity", "8"], shapes)
     assert projected["identity"] is cache and projected["8"].dim == 8
     assert torch.equal(projected["8"].outputs, cache.outputs)
+
+
+def test_scale_benchmark_quick(tmp_path):
+    """scale.py's smoke run writes the headline keys (positive, finite) and a small float16 storage error."""
+    import math
+
+    out = tmp_path / "scale.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(BENCHMARKS, "scale.py"), "--quick", "--output", str(out)],
+        env=_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    for key in ("end_to_end_subsets_per_s_d128_1thread", "end_to_end_subsets_per_s_d2048_2threads",
+                "setup_seconds_d2048", "forward_selection_seconds_n1000"):  # fmt: skip
+        assert math.isfinite(data[key]) and data[key] > 0
+    assert data["storage_error"]["float16"]["mean_relative_error"] < 1e-3

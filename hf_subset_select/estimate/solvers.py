@@ -15,6 +15,7 @@ change Δz of the target outputs (B, T) and, when asked, the fitted steps ŵ_S (
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -157,8 +158,22 @@ class FastSolver(Solver):
             w = w_r
         return dz, (None if w is None else w.to(torch.float64)), {}
 
+    def extension_sums(self, problem: LinearizedProblem, base: torch.Tensor) -> dict[int, tuple[Any, Any]]:
+        """``base @ X`` for each per-source statistic X of the fast path, computed once for a greedy step and
+        shared by all its chunks of candidates (pass it to :meth:`solve_extensions` as ``sums``). Keyed by the
+        statistic's identity; the statistic is kept with its sum so the key stays valid."""
+        gram, grad, _, tail_trace, tail_target, _, _ = problem.fast_statistics()
+        b = base.to(gram.dtype)  # (the row counts are summed per call: an n-vector, cheap)
+        return {id(x): (x, b @ x) for x in (gram, grad, tail_trace, tail_target) if x is not None}
+
     def solve_extensions(
-        self, problem: LinearizedProblem, base: torch.Tensor, candidates: torch.Tensor, l2: float
+        self,
+        problem: LinearizedProblem,
+        base: torch.Tensor,
+        candidates: torch.Tensor,
+        l2: float,
+        *,
+        sums: dict[int, tuple[Any, Any]] | None = None,
     ) -> torch.Tensor:
         """Δz (B, T) of the subsets ``base ∪ {j}`` for each candidate column j, the same as :meth:`solve` on their
         membership matrix but in O(B r²) per subset for the sums (not O(B n r²)): the base's statistics are
@@ -167,17 +182,22 @@ class FastSolver(Solver):
         Args:
             base: membership of the base subset over :attr:`~.problem.LinearizedProblem.order`, shape (n,).
             candidates: the columns j to add, shape (B,), none of them in ``base``.
+            sums: :meth:`extension_sums` of ``base``, when several calls share one base (computed here if None).
         """
         _, _, target_r, _, tail_target, _, _ = problem.fast_statistics()
         dtype = target_r.dtype
         base = base.to(dtype)
+        if sums is None:
+            sums = self.extension_sums(problem, base)
         cand = candidates.to(torch.int64)
         m = base.expand(cand.numel(), -1).clone()
         m[torch.arange(cand.numel()), cand] = 1.0
 
         def product(x: torch.Tensor) -> torch.Tensor:
             x = x.to(dtype) if x.dtype != dtype else x
-            return (base @ x).unsqueeze(0) + x.index_select(0, cand)
+            hit = sums.get(id(x))
+            total = hit[1] if hit is not None and hit[0] is x else base @ x
+            return total.unsqueeze(0) + x.index_select(0, cand)
 
         w_r, coef, _ = quadratic_step(problem, m, l2, product=product)
         dz = w_r @ target_r.T
@@ -351,16 +371,35 @@ def _spd_solve(k: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, list[int
     """Solve k[i] x[i] = b[i] for a batch of symmetric positive definite matrices (k is overwritten);
     returns the solutions and the indices whose matrix was not positive definite.
 
-    LAPACK ?posv called per matrix (from SciPy when installed) is several times faster than torch's
-    batched Cholesky for r around 100 on a CPU (measured in recipes/benchmarks/estimate_speed.py).
+    LAPACK ?posv called per matrix is several times faster than torch's batched Cholesky for r around 100 on a
+    CPU (measured in recipes/benchmarks/estimate_speed.py). It is called through the C entry points of SciPy's
+    ``cython_lapack`` with ctypes, which releases the GIL, so the fast path's threads solve in parallel (the
+    ``scipy.linalg.lapack`` wrappers hold the GIL: two threads ran slower than one); the wrappers are the
+    fallback when the C entry points cannot be loaded.
     """
+    raw = _POSV_C.get(k.dtype) if _POSV_C else None
+    if raw is not None and k.is_contiguous() and k.dim() == 3 and k.shape[1] == k.shape[2]:
+        batch, r = k.shape[0], k.shape[1]
+        out = b.to(k.dtype).contiguous().clone()
+        if batch == 0 or r == 0:
+            return out, []
+        n, one, info = ctypes.c_int(r), ctypes.c_int(1), ctypes.c_int(0)
+        pn, pone, pinfo = ctypes.byref(n), ctypes.byref(one), ctypes.byref(info)
+        size = k.element_size()
+        k_addr, b_addr, k_step, b_step = k.data_ptr(), out.data_ptr(), r * r * size, r * size
+        failed = []
+        for i in range(batch):
+            # a C-contiguous symmetric matrix is its own Fortran-ordered transpose: 'U' reads its lower triangle
+            raw(b"U", pn, pone, k_addr + i * k_step, pn, b_addr + i * b_step, pn, pinfo)
+            if info.value != 0:
+                failed.append(i)
+        return out, failed
     if _POSV is not None:
         kn, bn = k.numpy(), b.numpy()
         out = np.empty_like(bn)
         posv = _POSV[0] if kn.dtype == np.float32 else _POSV[1]
         failed = []
         for i in range(kn.shape[0]):
-            # a C-contiguous symmetric matrix is its own Fortran-ordered transpose: no copy
             _, x, info = posv(kn[i].T, bn[i], lower=0, overwrite_a=1, overwrite_b=0)
             if info != 0:
                 failed.append(i)
@@ -370,6 +409,31 @@ def _spd_solve(k: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, list[int
     y = torch.linalg.solve_triangular(chol, b.unsqueeze(-1), upper=False)
     result = torch.linalg.solve_triangular(chol.transpose(1, 2), y, upper=True).squeeze(-1)
     return result, torch.nonzero(info != 0).flatten().tolist()
+
+
+def _load_posv_c() -> dict[torch.dtype, Any]:
+    """``{float32: sposv, float64: dposv}`` as ctypes functions on the C entry points SciPy exports in
+    ``scipy.linalg.cython_lapack`` (Fortran calling convention: every argument by pointer); empty when SciPy
+    or its capsules are missing (then :func:`_spd_solve` uses the ``scipy.linalg.lapack`` wrappers)."""
+    try:
+        from scipy.linalg import cython_lapack
+    except ImportError:  # pragma: no cover - SciPy is optional
+        return {}
+    api = ctypes.pythonapi
+    get_name, get_pointer = api.PyCapsule_GetName, api.PyCapsule_GetPointer
+    get_name.restype, get_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
+    get_pointer.restype, get_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+    vp = ctypes.c_void_p
+    signature = ctypes.CFUNCTYPE(None, ctypes.c_char_p, vp, vp, vp, vp, vp, vp, vp)
+    out: dict[torch.dtype, Any] = {}
+    try:
+        capsules = cython_lapack.__pyx_capi__
+        for dtype, name in ((torch.float32, "sposv"), (torch.float64, "dposv")):
+            capsule = capsules[name]
+            out[dtype] = signature(get_pointer(capsule, get_name(capsule)))
+    except (AttributeError, KeyError, TypeError, ValueError):  # pragma: no cover - another SciPy layout
+        return {}
+    return out
 
 
 def single_threaded_blas() -> Any:
@@ -391,6 +455,7 @@ def _load_posv() -> tuple[Any, Any] | None:
 
 
 _POSV = _load_posv()
+_POSV_C = _load_posv_c()
 
 
 def _pcg(hvp, rhs: torch.Tensor, precond, rtol: torch.Tensor, max_iter: int) -> tuple[torch.Tensor, int]:

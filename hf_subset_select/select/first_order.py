@@ -310,12 +310,12 @@ def _extension_losses(estimator: Any, chosen: list[str], remaining: list[str]) -
                 base[-1] = 1.0
             columns = torch.tensor([column[s] for s in remaining])
             l2 = estimator.resolved_l2()
-            problem.fast_statistics()  # before the threads start
+            sums = solver.extension_sums(problem, base)  # once per greedy step, before the threads start
             step = solver.chunk_size(problem)
             pieces = [columns[s : s + step] for s in range(0, columns.numel(), step)]
 
             def work(cols: torch.Tensor) -> torch.Tensor:
-                dz = solver.solve_extensions(problem, base, cols, l2)
+                dz = solver.solve_extensions(problem, base, cols, l2, sums=sums)
                 return estimator.target_losses(dz).to(torch.float64)
 
             return torch.cat(_in_threads(problem, pieces, work))

@@ -195,3 +195,39 @@ def test_fast_solver_threads_give_the_same_numbers():
     one = FirstOrderEstimator(cache, EstimatorConfig(l2=0.2, chunk_size=8, num_threads=1)).estimate(m)
     many = FirstOrderEstimator(cache, EstimatorConfig(l2=0.2, chunk_size=8, num_threads=3)).estimate(m)
     assert torch.allclose(one, many, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_batched_spd_solve_matches_torch_and_flags_indefinite_matrices(dtype):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hf_subset_select.estimate import solvers
+
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(12, 9, 9, generator=gen, dtype=torch.float64)
+    k = (a @ a.transpose(1, 2) + 0.5 * torch.eye(9, dtype=torch.float64)).to(dtype)
+    k[4] = -k[4]  # not positive definite
+    b = torch.randn(12, 9, generator=gen, dtype=torch.float64).to(dtype)
+    expected = torch.linalg.solve(k.to(torch.float64), b.to(torch.float64).unsqueeze(-1)).squeeze(-1)
+    ok = [i for i in range(12) if i != 4]
+    tol = 1e-3 if dtype == torch.float32 else 1e-10
+
+    def run(_):
+        x, failed = solvers._spd_solve(k.clone(), b.clone())
+        return x, failed
+
+    with ThreadPoolExecutor(2) as pool:  # the ctypes path releases the GIL: two threads share nothing
+        results = list(pool.map(run, range(4)))
+    for x, failed in results:
+        assert failed == [4]
+        assert x.dtype == dtype
+        rel = (x[ok].to(torch.float64) - expected[ok]).norm() / expected[ok].norm()
+        assert rel < tol
+    if solvers._POSV_C:  # the same numbers as SciPy's wrappers when the C entry points loaded
+        saved, solvers._POSV_C = solvers._POSV_C, {}
+        try:
+            x_ref, failed_ref = solvers._spd_solve(k.clone(), b.clone())
+        finally:
+            solvers._POSV_C = saved
+        assert failed_ref == [4]
+        assert torch.allclose(results[0][0][ok], x_ref[ok], rtol=1e-5 if dtype == torch.float32 else 1e-12)

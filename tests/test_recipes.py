@@ -453,14 +453,25 @@ def test_scale_benchmark_quick(tmp_path):
     """scale.py's smoke run writes the headline keys (positive, finite) and a small float16 storage error."""
     import math
 
-    out = tmp_path / "scale.json"
+    out, png = tmp_path / "scale.json", tmp_path / "curves.png"
     proc = subprocess.run(
-        [sys.executable, os.path.join(BENCHMARKS, "scale.py"), "--quick", "--output", str(out)],
+        [sys.executable, os.path.join(BENCHMARKS, "scale.py"), "--quick", "--curves", "--plot", str(png),
+         "--output", str(out)],
         env=_env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
     for key in ("end_to_end_subsets_per_s_d128_1thread", "end_to_end_subsets_per_s_d2048_2threads",
-                "setup_seconds_d2048", "forward_selection_seconds_n1000"):  # fmt: skip
+                "setup_seconds_d2048", "forward_selection_seconds_n1000", "peak_rss_gb_N1e6_d2048"):  # fmt: skip
         assert math.isfinite(data[key]) and data[key] > 0
     assert data["storage_error"]["float16"]["mean_relative_error"] < 1e-3
+    # scaling curves: every point measured in its own processes, memory above the features, the cache on disk
+    # at least the features' bytes, one slope per neighbouring pair, the caches removed afterwards
+    for axis, points in data["curves"]["points"].items():
+        assert [p[axis] for p in points] == sorted(p[axis] for p in points) and len(points) >= 2
+        for p in points:
+            assert p["peak_rss_gb"] * 2**30 > p["features_bytes"] and p["disk_bytes"] >= p["features_bytes"]
+            assert p["features_bytes"] == p["num_examples"] * p["d"] * 4 and p["candidate_sources"] == p["n"] - 1
+        assert all(len(v) == len(points) - 1 for v in data["curves"]["slopes"][axis].values())
+    if data.get("plot"):  # None when matplotlib is missing
+        assert png.stat().st_size > 10_000

@@ -18,6 +18,7 @@ from ..collect.cache import SPLIT_TARGET, SPLIT_TRAIN, GradientCache
 __all__ = ["make_synthetic_cache", "plant_harmful_examples", "ROLES"]
 
 ROLES = ("aligned", "opposed", "orthogonal")
+_BLOCK_ENTRIES = 8 << 20  # rows of a large source are drawn in blocks of about 64 MiB of float64
 
 
 def make_synthetic_cache(
@@ -83,7 +84,12 @@ def make_synthetic_cache(
         z_iso = torch.randn(n, dim, generator=gen, dtype=torch.float64) * (0.2 / dim) ** 0.5
         return noise * (z_strong @ strong + z_iso)
 
-    rows, outputs, source_index, split, reps = [], [], [], [], []
+    outputs, source_index, split, reps = [], [], [], []
+    all_sizes = sizes + [target_examples]
+    # float32 rows written in place: a million rows at d = 2048 never exist in float64 at once
+    features = torch.empty(sum(all_sizes), dim, dtype=torch.float32)
+    block = max(1, _BLOCK_ENTRIES // dim)
+    start = 0
     rep_dim = representation_dim or 0
     if rep_dim:
         rep_target = torch.randn(rep_dim, generator=gen, dtype=torch.float64)
@@ -94,14 +100,18 @@ def make_synthetic_cache(
         n = target_examples if is_target else sizes[idx]
         role = "aligned" if is_target else roles[name]
         mean = strength * _direction(role, u, gen) + shared * common
-        rows.append(mean + scatter(n))
+        # one block, the same random stream as a single draw, unless the source is large
+        for s in range(0, n, block):
+            b = min(block, n - s)
+            features[start + s : start + s + b] = mean + scatter(b)
+        start += n
         outputs.append(output_mean + output_std * torch.randn(n, generator=gen, dtype=torch.float64))
         source_index.append(torch.full((n,), idx, dtype=torch.int64))
         split.append(torch.full((n,), SPLIT_TARGET if is_target else SPLIT_TRAIN, dtype=torch.int8))
         if rep_dim:
             rep_mean = _direction(role, rep_target, gen)
-            reps.append(rep_mean + 0.3 * torch.randn(n, rep_dim, generator=gen, dtype=torch.float64))
-    features = torch.cat(rows)
+            rep = rep_mean + 0.3 * torch.randn(n, rep_dim, generator=gen, dtype=torch.float64)
+            reps.append(rep.float())
     n_total = features.shape[0]
     return GradientCache(
         features,

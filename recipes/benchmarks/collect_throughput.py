@@ -75,7 +75,8 @@ def _data(n: int, vocab: int, seed: int = 0):
     return train, target
 
 
-def _train_rate(model, train, steps: int, warmup: int) -> float:
+def _train_rate(model, train, steps: int, warmup: int, batch: int = BATCH) -> float:
+    """Trainer examples/s over ``steps`` timed optimizer steps after ``warmup`` untimed ones."""
     from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
     stamps: list[float] = []
@@ -88,7 +89,7 @@ def _train_rate(model, train, steps: int, warmup: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
             output_dir=tmp,
-            per_device_train_batch_size=BATCH,
+            per_device_train_batch_size=batch,
             max_steps=warmup + steps,
             learning_rate=1e-4,
             report_to=[],
@@ -102,15 +103,18 @@ def _train_rate(model, train, steps: int, warmup: int) -> float:
         trainer.add_callback(Clock())
         trainer.train()
     elapsed = stamps[-1] - stamps[warmup - 1]
-    return steps * BATCH / elapsed
+    return steps * batch / elapsed
 
 
-def _collect_rate(model, train, target, proj_dim: int) -> tuple[float, dict]:
+def _collect_rate(
+    model, train, target, proj_dim: int, batch: int = BATCH, seq: int = SEQ
+) -> tuple[float, dict]:
+    """GradientCollector examples/s of one collection of ``train`` + ``target`` (shards in a temporary folder)."""
     from hf_subset_select import CollectConfig, GradientCollector
 
     tmp = tempfile.mkdtemp(prefix="collect-bench-")
     try:
-        config = CollectConfig(proj_dim=proj_dim, batch_size=BATCH, max_length=SEQ, shard_size=4096)
+        config = CollectConfig(proj_dim=proj_dim, batch_size=batch, max_length=seq, shard_size=4096)
         collector = GradientCollector(config, train, target)
         collector.collect(model, output_dir=tmp, disable_tqdm=True)
         stats = dict(collector.stats)

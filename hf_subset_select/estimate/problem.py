@@ -22,6 +22,10 @@ __all__ = ["LinearizedProblem", "SourceStatistics", "AUTO_REDUCE_DIM"]
 
 # Fast path: with d above this, keep this many principal directions (see docs/method.md).
 AUTO_REDUCE_DIM = 256
+# From this feature dimension on (and when r <= d / 4) the principal basis comes from randomized subspace iteration
+# instead of XᵀX and its eigendecomposition (O(N d k) per pass instead of O(N d²) + O(d³)).
+RANDOMIZED_BASIS_MIN_DIM = 4096
+_POWER_ITERATIONS = 2
 _REF_SUBSETS = 64  # reference subsets of the λ rules
 _CHUNK_BYTES = 64 << 20  # rows per block of the statistics pass: about 64 MiB of float64
 
@@ -331,6 +335,8 @@ class LinearizedProblem:
         d, n_src = self.dim, len(self.order)
         w = curv / self.counts[self.row_source] / n_src  # every source counts equally
         sw = w.sqrt().to(torch.float32)
+        if self.features.shape[0] >= d and d >= RANDOMIZED_BASIS_MIN_DIM and 4 * r <= d:
+            return self._randomized_basis(sw, r)
         if self.features.shape[0] >= d:
             # XᵀX accumulated block by block in float32 (X = √w ⊙ G is never formed whole)
             step = max(1, _CHUNK_BYTES // (4 * d))
@@ -352,6 +358,31 @@ class LinearizedProblem:
             )
             basis = torch.linalg.qr(torch.cat([basis, extra], 1)).Q
         return torch.linalg.qr(basis).Q.contiguous()
+
+    def _randomized_basis(self, sw: torch.Tensor, r: int) -> torch.Tensor:
+        """The r leading eigenvectors of XᵀX (X = √w ⊙ G) by randomized subspace iteration (Halko, Martinsson and
+        Tropp 2011, algorithm 4.4), without forming the d x d matrix: each pass over the rows costs O(N d k) with
+        k = r + oversampling, and there are ``_POWER_ITERATIONS`` + 2 of them, where the exact path costs O(N d²)
+        for XᵀX and O(d³) for its eigenvectors. Deterministic (seed 0)."""
+        d, n_rows = self.dim, self.features.shape[0]
+        k = min(d, r + max(r // 2, 16))
+        step = max(1, _CHUNK_BYTES // (4 * d))
+
+        def gram_times(v: torch.Tensor) -> torch.Tensor:  # XᵀX v, block by block in float32
+            out = torch.zeros(d, v.shape[1], dtype=torch.float32)
+            for s in range(0, n_rows, step):
+                xb = self.features[s : s + step] * sw[s : s + step, None]
+                out.addmm_(xb.T, xb @ v)
+            return out
+
+        q = torch.randn(d, k, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+        for _ in range(_POWER_ITERATIONS + 1):
+            q = torch.linalg.qr(gram_times(q).to(torch.float64)).Q.to(torch.float32)
+        q64 = q.to(torch.float64)
+        small = q64.T @ gram_times(q).to(torch.float64)  # Rayleigh-Ritz on the captured subspace
+        evals, evecs = torch.linalg.eigh((small + small.T) / 2)
+        top = torch.argsort(evals, descending=True)[:r]
+        return torch.linalg.qr(q64 @ evecs[:, top]).Q.contiguous()
 
     def _compute_statistics(self) -> SourceStatistics:
         f = self.outputs

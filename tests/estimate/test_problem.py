@@ -120,3 +120,39 @@ def test_nan_errors():
     m[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         est.estimate(m)
+
+
+def test_randomized_basis_captures_the_exact_principal_subspace(monkeypatch):
+    """Above RANDOMIZED_BASIS_MIN_DIM the basis comes from randomized subspace iteration: it must keep the curvature
+    energy of the exact top-r eigenvectors and give the same estimates (here forced on at d = 256, r = 32)."""
+    from hf_subset_select.estimate import problem as problem_mod
+
+    cache = make_synthetic_cache(3, 3, 3, dim=256, examples_per_source=300, num_strong_directions=24,
+                                 spectrum_decay=0.7, seed=2)  # fmt: skip
+    cfg = EstimatorConfig(reduce_dim=32, l2=1e-3)
+    exact = FirstOrderEstimator(cache, cfg)
+    monkeypatch.setattr(problem_mod, "RANDOMIZED_BASIS_MIN_DIM", 64)
+    fast = FirstOrderEstimator(cache, cfg)
+    b_exact, b_rand = exact.problem.statistics().basis, fast.problem.statistics().basis
+    assert b_rand.shape == b_exact.shape == (256, 32)
+    assert torch.allclose(b_rand.T @ b_rand, torch.eye(32, dtype=b_rand.dtype), atol=1e-8)
+    prob = exact.problem
+    f = prob.outputs
+    w = torch.sigmoid(f) * torch.sigmoid(-f) / prob.counts[prob.row_source]
+    x = prob.features.double() * w.sqrt()[:, None]
+    energy = [float(((x @ b) ** 2).sum()) for b in (b_exact, b_rand)]
+    assert energy[1] >= 0.99 * energy[0]
+    # the exact eigenvectors are optimal: more energy than theirs would mean a bug in the check itself
+    assert energy[1] <= energy[0] * (1 + 1e-9)
+    m = torch.rand(64, len(exact.sources), generator=torch.Generator().manual_seed(0)) < 0.5
+    a, b = exact.estimate(m), fast.estimate(m)
+    spread = (a - exact.base_loss).abs().mean()
+    assert (a - b).abs().max() < 0.01 * spread
+    # below the threshold (the default for d < 4096) the exact path runs
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the randomized basis ran below its threshold")
+
+    monkeypatch.setattr(problem_mod, "RANDOMIZED_BASIS_MIN_DIM", 4096)
+    monkeypatch.setattr(problem_mod.LinearizedProblem, "_randomized_basis", refuse)
+    assert FirstOrderEstimator(cache, cfg).problem.statistics().basis.shape == (256, 32)

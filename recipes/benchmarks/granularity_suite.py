@@ -311,7 +311,10 @@ def headline(entry: dict[str, Any]) -> dict[str, Any]:
             "cluster_scores": m["cluster_scores"],
         }
     finer = ["per_example", *(f"clusters_{k}" for k in entry["settings"]["cluster_k"])]
-    beats = [f for f in finer if methods[f]["vs"]["per_source"]["ci_low"] > 0]
+    above = [f for f in finer if methods[f]["vs"]["per_source"]["ci_low"] > 0]
+    # a finer unit that keeps no candidate row is the target-only fine-tune (same runs), not a finer selection
+    beats = [f for f in above if methods[f]["rows_kept"] > 0]
+    empty = [f for f in above if methods[f]["rows_kept"] == 0]
     return {
         "per_example": short(methods["per_example"]),
         "clusters": clusters,
@@ -329,6 +332,7 @@ def headline(entry: dict[str, Any]) -> dict[str, Any]:
         },
         "target_only": {k: methods["target_only"][k] for k in ("test_metric_mean", "test_metric_std")},
         "finer_beats_per_source": beats,
+        "empty_selection_beats_per_source": empty,
         "complete": entry.get("complete", True),
     }
 

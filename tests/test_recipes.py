@@ -296,6 +296,78 @@ def test_granularity_benchmark_quick(tmp_path):
     assert {f"clusters_{k}" for k in (2, 4, 8, 16)} <= set(easy)
 
 
+def _mixed_fixture(harness, seed):
+    """A tiny tagged task (no WordNet needed): target + two helpful sources + a harmful one, through the mixin."""
+    import importlib
+
+    from datasets import Dataset
+
+    from hf_subset_select import tag_sources, tag_target_eval
+
+    wordnet = importlib.import_module("tasks.wordnet")
+
+    def rows(prefix, n, k=3):
+        return Dataset.from_list(
+            [{"text": f"{prefix} {i}", "input_ids": [i, i + 1], "label": i % k} for i in range(n)]
+        )
+
+    class Base(harness["tasks"].Task):
+        def build(self, seed):
+            sources = {"target": rows("t", 6), "a": rows("a", 20), "b": rows("b", 10), "c": rows("c", 10)}
+            return harness["tasks"].TaskData(
+                train=tag_sources(sources, target="target"),
+                dev=tag_target_eval(rows("d", 6), "target_dev"),
+                test=tag_target_eval(rows("e", 6), "target_test"),
+                roles={"a": "helpful", "b": "helpful", "c": "harmful"},
+                info={"label_derangement": {0: 1, 1: 2, 2: 0}},
+            )
+
+        make_model = collate = score = None
+
+    class Mixed(wordnet.MixedSourcesMixin, Base):
+        pass
+
+    return wordnet, Base().build(seed), Mixed().build(seed)
+
+
+def test_mixed_task_plants_conflicts_in_helpful_sources_only(harness):
+    """The _mixed variant: deterministic by seed, only the labels of the helpful sources' train rows change (by the
+    derangement), the stated fraction of each, and the planted ids live in ``info`` only."""
+    wordnet, base, mixed = _mixed_fixture(harness, 0)
+    _, _, again = _mixed_fixture(harness, 0)
+    _, _, other = _mixed_fixture(harness, 1)
+    assert wordnet.MIXED_FRACTION == 0.3
+    assert list(mixed.train) == list(again.train) and mixed.info["planted"] == again.info["planted"]
+    assert other.info["planted"] != mixed.info["planted"]  # another seed, other rows
+    assert mixed.train.column_names == base.train.column_names  # no planted flag in the data
+    assert list(mixed.dev) == list(base.dev) and list(mixed.test) == list(base.test)
+    changed = {}
+    for x, y in zip(base.train, mixed.train):
+        assert {k: v for k, v in x.items() if k != "label"} == {k: v for k, v in y.items() if k != "label"}
+        if x["label"] != y["label"]:
+            assert y["label"] == base.info["label_derangement"][x["label"]]
+            changed.setdefault(x["source"], set()).add(y["example_id"])
+    assert {s: len(v) for s, v in changed.items()} == {"a": 6, "b": 3}  # round(0.3 * 20), round(0.3 * 10)
+    assert {s: set(v) for s, v in mixed.info["planted"].items()} == changed
+    assert mixed.roles == {"a": "mixed", "b": "mixed", "c": "harmful"}
+
+
+def test_granularity_suite_planted_stats(harness):
+    """planted_recall / clean_kept of a per-example and of a whole-source selection on the planted fixture."""
+    import importlib
+
+    _, _, mixed = _mixed_fixture(harness, 0)
+    suite = importlib.import_module("granularity_suite")
+    planted = mixed.info["planted"]
+    bad = {i for ids in planted.values() for i in ids}
+    rows = list(mixed.train)
+    clean_a = [r["example_id"] for r in rows if r["source"] == "a" and r["example_id"] not in bad]
+    out = suite.planted_stats({"sources": [], "examples": clean_a}, planted, mixed.train)
+    assert out["planted_recall"] == 1.0 and out["clean_kept"] == len(clean_a) / (len(clean_a) + 7)
+    whole = suite.planted_stats({"sources": ["a", "b"], "examples": None}, planted, mixed.train)
+    assert whole["planted_recall"] == 0.0 and whole["clean_kept"] == 1.0
+
+
 def test_harness_cli_flags(harness):
     cli = harness["cli"]
     parser = cli.benchmark_parser("Title line.\n\nMore.", seeds=3, threads=2)

@@ -15,8 +15,15 @@ only scores the final fine-tunes), every method from that cache:
 Final fine-tunes from θ* on the same seeds for every method (the suite's ``CLASSIFIER`` settings), scored on
 ``test``; each finer unit minus ``per_source`` and minus ``less_cosine`` with a paired bootstrap 95% interval.
 
+On the ``_mixed`` variants (``tasks/wordnet.py``: 30% of each helpful source's rows relabelled with conflicting
+labels) every method also gets ``planted``: ``planted_recall`` (share of the planted rows its training set leaves
+out) and ``clean_kept`` (share of the clean rows of the planted sources it keeps), from the task's bookkeeping
+``info["planted"]``, which no method sees.
+
     OMP_NUM_THREADS=1 python recipes/benchmarks/granularity_suite.py --output /tmp/g.json --quick
     OMP_NUM_THREADS=1 python recipes/benchmarks/granularity_suite.py --output /tmp/g_nouns.json --tasks wordnet_nouns
+    OMP_NUM_THREADS=1 python recipes/benchmarks/granularity_suite.py --output /tmp/g_mixed.json \
+        --tasks wordnet_nouns_mixed --ks ""   # harm planted inside the helpful sources; no clusters
     python recipes/benchmarks/granularity_suite.py --merge /tmp/g_nouns.json /tmp/g_verbs.json \\
         --output docs/results/granularity.json    # adds tasks.<task>, keeps the synthetic keys
 """
@@ -178,6 +185,10 @@ def run_task(name: str, args: Any, ks: list[int], progress: Any = None) -> dict[
     tuner = Finetuner(task, data, theta_star, spec)
     methods, select_seconds = select_units(cache, spec, ks)
     n = methods.pop("_num_candidate_rows")["value"]
+    planted = data.info.get("planted")
+    if planted:  # bookkeeping only: computed after every selection is made
+        for m in methods.values():
+            m["planted"] = planted_stats(m, planted, data.train)
     seeds = list(range(args.seeds or settings["seeds"]))
     print(f"{name}: rows kept { ({m: v['rows_kept'] for m, v in methods.items()}) } of {n}", flush=True)
     test_ids = set(data.test["example_id"])
@@ -185,7 +196,17 @@ def run_task(name: str, args: Any, ks: list[int], progress: Any = None) -> dict[
         "model": str(getattr(task, "model_path", None)),
         "metric": getattr(task, "metric", "accuracy"),
         "num_candidate_rows": n,
-        "settings": {**settings, "seeds": seeds, "cluster_k": ks, "start": "theta_star"},
+        "settings": {
+            **settings,
+            "seeds": seeds,
+            "cluster_k": ks,
+            "start": "theta_star",
+            **(
+                {"planted_fraction": data.info["planted_fraction"], "planted_rows": data.info["planted_rows"]}
+                if planted
+                else {}
+            ),
+        },
         "split_check": {"test_rows_in_cache": len(test_ids & {int(i) for i in cache.example_ids})},
     }
     entry: dict[str, Any] = {}
@@ -221,6 +242,39 @@ def run_task(name: str, args: Any, ks: list[int], progress: Any = None) -> dict[
     return entry
 
 
+def planted_stats(method: dict[str, Any], planted: dict[str, list[int]], train: Any) -> dict[str, Any]:
+    """``planted_recall``: share of the planted rows a method's training set leaves out; ``clean_kept``: share of
+    the other rows of the planted sources it keeps (a whole-source method keeps all or none of a source's rows)."""
+    bad = {int(i) for ids in planted.values() for i in ids}
+    clean = {
+        int(i) for s, i in zip(train["source"], train["example_id"]) if s in planted and int(i) not in bad
+    }
+    if method["examples"] is None:
+        chosen = set(method["sources"])
+        kept = {int(i) for s, i in zip(train["source"], train["example_id"]) if s in chosen}
+    else:
+        kept = {int(i) for i in method["examples"]}
+    per_source = {
+        s: {
+            "planted_dropped": sum(1 for i in ids if int(i) not in kept),
+            "planted": len(ids),
+            "clean_kept": sum(
+                1
+                for s2, i in zip(train["source"], train["example_id"])
+                if s2 == s and int(i) not in bad and int(i) in kept
+            ),
+        }
+        for s, ids in planted.items()
+    }
+    return {
+        "planted_recall": len(bad - kept) / len(bad),
+        "clean_kept": len(clean & kept) / len(clean),
+        "planted_rows": len(bad),
+        "clean_rows": len(clean),
+        "per_source": per_source,
+    }
+
+
 def finished(methods: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """The methods fine-tuned so far, without their (long) id lists, each finer unit with its paired intervals
     against ``per_source`` and ``less_cosine`` (and ``per_source`` against ``less_cosine`` and ``target_only``)."""
@@ -240,6 +294,8 @@ def headline(entry: dict[str, Any]) -> dict[str, Any]:
 
     def short(m: dict[str, Any]) -> dict[str, Any]:
         out = {k: m[k] for k in ("test_metric_mean", "test_metric_std", "rows_kept")}
+        if "planted" in m:
+            out.update({k: m["planted"][k] for k in ("planted_recall", "clean_kept")})
         for b, d in m["vs"].items():
             out[f"vs_{b}"] = {k: d[k] for k in ("diff_mean", "ci_low", "ci_high")}
         return out
@@ -255,7 +311,10 @@ def headline(entry: dict[str, Any]) -> dict[str, Any]:
             "cluster_scores": m["cluster_scores"],
         }
     finer = ["per_example", *(f"clusters_{k}" for k in entry["settings"]["cluster_k"])]
-    beats = [f for f in finer if methods[f]["vs"]["per_source"]["ci_low"] > 0]
+    above = [f for f in finer if methods[f]["vs"]["per_source"]["ci_low"] > 0]
+    # a finer unit that keeps no candidate row is the target-only fine-tune (same runs), not a finer selection
+    beats = [f for f in above if methods[f]["rows_kept"] > 0]
+    empty = [f for f in above if methods[f]["rows_kept"] == 0]
     return {
         "per_example": short(methods["per_example"]),
         "clusters": clusters,
@@ -264,10 +323,16 @@ def headline(entry: dict[str, Any]) -> dict[str, Any]:
             for k in ("test_metric_mean", "test_metric_std", "rows_kept", "sources")
         },
         "less_cosine": {
-            k: methods["less_cosine"][k] for k in ("test_metric_mean", "test_metric_std", "rows_kept")
+            **{k: methods["less_cosine"][k] for k in ("test_metric_mean", "test_metric_std", "rows_kept")},
+            **(
+                {k: methods["less_cosine"]["planted"][k] for k in ("planted_recall", "clean_kept")}
+                if "planted" in methods["less_cosine"]
+                else {}
+            ),
         },
         "target_only": {k: methods["target_only"][k] for k in ("test_metric_mean", "test_metric_std")},
         "finer_beats_per_source": beats,
+        "empty_selection_beats_per_source": empty,
         "complete": entry.get("complete", True),
     }
 
@@ -344,8 +409,10 @@ def main(argv: list[str] | None = None) -> None:
     start_load = load_average()
     tasks: dict[str, Any] = {}
     for name in parse_list(args.tasks):
-        if name not in ("wordnet_nouns", "wordnet_verbs"):
-            raise SystemExit(f"--tasks: {name!r} is not a MiniLM task; choose wordnet_nouns, wordnet_verbs")
+        from suite import MINILM_TASKS
+
+        if name not in MINILM_TASKS:
+            raise SystemExit(f"--tasks: {name!r} is not a MiniLM task; choose from {', '.join(MINILM_TASKS)}")
 
         def save(entry: dict[str, Any], name: str = name) -> None:
             tasks[name] = entry

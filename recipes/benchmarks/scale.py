@@ -19,6 +19,7 @@ log-log slope of every cost between neighbouring points says how it grows (1: li
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -274,12 +275,6 @@ def finish_curves(result: dict, quick: bool, plot: str | None = None) -> None:
         result["plot"] = plot_curves(result["curves"], plot)
 
 
-def argparse_suppress() -> str:
-    import argparse
-
-    return argparse.SUPPRESS
-
-
 def main() -> None:
     parser = benchmark_parser(__doc__, seed_help="seed of the synthetic caches and subsets")
     parser.add_argument(
@@ -297,7 +292,7 @@ def main() -> None:
     parser.add_argument(
         "--plot", help="PNG for the scaling curves' plot (with --curves, --curves-only or --curves-from)"
     )
-    parser.add_argument("--child", nargs="+", help=argparse_suppress())
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         mode, rest = args.child[0], args.child[1:]

@@ -241,13 +241,17 @@ class CollectConfig(ConfigMixin):
     )
     batch_size: int = _runtime("Examples per batched per-example-gradient call.", default=16)
     max_length: int = field(default=512, metadata={"help": "Token sequences are truncated to this length."})
-    output_fn: Literal["auto", "token_log_odds", "sequence_log_odds", "classification_margin"] = _choice(
+    output_fn: Literal[
+        "auto", "token_log_odds", "sequence_log_odds", "sequence_margin", "classification_margin"
+    ] = _choice(
         "auto",
-        ("auto", "token_log_odds", "sequence_log_odds", "classification_margin"),
+        ("auto", "token_log_odds", "sequence_log_odds", "sequence_margin", "classification_margin"),
         "'auto' ('sequence_log_odds' for language models, 'classification_margin' for sequence "
         "classifiers), 'sequence_log_odds' (causal / seq2seq LM: log-odds of the geometric-mean gold-token "
         "probability, whose logistic loss is the example's mean token cross entropy), 'token_log_odds' (LM: "
-        "mean of the gold tokens' log-odds, the paper's output; the same for one supervised token) or "
+        "mean of the gold tokens' log-odds, the paper's output; the same for one supervised token), "
+        "'sequence_margin' (LM: smallest gold-token logit margin over the supervised tokens, positive exactly when "
+        "greedy teacher-forced decoding is an exact match; for targets scored by exact match rather than loss) or "
         "'classification_margin'.",
     )
     prob_clamp: float = field(

@@ -316,3 +316,36 @@ def test_granularity_units_from_one_cache() -> None:
     assert sum(c["cluster_sizes"].values()) == n
     assert {k: sum(v.values()) for k, v in c["cluster_composition"].items()} == c["cluster_sizes"]
     assert c["rows_kept"] == sum(c["cluster_sizes"][k] for k in c["selected_clusters"])
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/share/wordnet/data.noun"), reason="needs Debian's wordnet-base")
+@pytest.mark.usefixtures("one_thread")
+def test_objective_comparison_runs_on_a_tiny_causal_lm(tmp_path: Any) -> None:
+    """suite_objective.py: both outputs collected from one run, dev-only analysis, then the test fine-tunes."""
+    import suite_objective
+
+    from hf_subset_select import GradientCache
+    from hf_subset_select.demo.toy import make_tiny_causal_lm, make_tokenizer
+
+    tok = make_tokenizer()
+    make_tiny_causal_lm("gpt2", vocab_size=len(tok)).save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    out = tmp_path / "objective.json"
+    suite_objective.main(
+        ["--output", str(out), "--quick", "--tasks", "lexcat_gemma", "--gemma-path", str(tmp_path / "lm"),
+         "--fidelity-subsets", "3", "--threads", "1", "--suite-json", str(tmp_path / "absent.json")]
+    )  # fmt: skip
+    entry = json.loads(out.read_text())["tasks"]["lexcat_gemma"]
+    assert entry["split_check"]["test_rows_in_cache"] == 0
+    n_dev = len(entry["dev"]["subsets"])
+    assert entry["split_check"]["splits_scored"]["dev"] == n_dev >= 3 + 1 + 7
+    for name in suite_objective.OUTPUTS:
+        cache = GradientCache.load(entry["cache_dirs"][name])
+        assert cache.manifest["output_fn"] == name
+        o = entry["outputs"][name]
+        assert len(o["estimates"]) == n_dev and -1.0 <= o["budget_spearman"] <= 1.0
+    # the two outputs differ on the same rows (the margin is not the log-odds)
+    a, b = (entry["dev"]["loss"][n] for n in suite_objective.OUTPUTS)
+    assert a != b
+    assert set(entry["test"]) >= {"target_only", "ours/sequence_margin", "ours/sequence_log_odds"}
+    assert entry["margin_ours_vs"]["target_only"]["seeds"] == [0, 1] and entry["reproduces_suite"] is None

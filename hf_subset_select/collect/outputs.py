@@ -14,6 +14,12 @@ example's mean token cross entropy, so each row's logistic loss and its gradient
 example's SFT loss and gradient (the mean of log-odds does not: an easy EOS token with a large log-odds
 hides uncertain answer tokens). With one supervised token both outputs are the same.
 
+``"sequence_margin"`` (language models, opt-in) is the smallest, over the supervised tokens, of the gold token's logit
+minus the largest other logit. It is positive exactly when greedy teacher-forced decoding reproduces every gold token,
+so its logistic loss ``log(1 + exp(-f))`` is a smooth stand-in for the exact-match error of short answers. Use it when
+the target is scored by exact match or accuracy of a generated answer rather than by its loss: a source that teaches
+the answer format with wrong answers lowers the token cross entropy (the model hedges) while the argmax stays wrong.
+
 Sequence classification: the margin ``logit_gold - logsumexp(other logits)`` (the same formula over classes).
 
 Every output function here is written to work on a batch of any size, including a batch of one inside
@@ -40,6 +46,7 @@ __all__ = [
     "sequence_log_odds_output",
     "seq2seq_token_log_odds_output",
     "classification_margin_output",
+    "sequence_margin_output",
     "gold_log_odds",
     "OutputSpec",
     "model_kind",
@@ -113,6 +120,25 @@ def sequence_log_odds_output(
     else:  # keep 1 - p̄ > 0 in float32
         mean_log_p = mean_log_p.clamp(max=-1e-7)
     return mean_log_p - torch.log(-torch.expm1(mean_log_p))
+
+
+def sequence_margin_output(logits: torch.Tensor, labels: torch.Tensor, *, shift: bool = True) -> torch.Tensor:
+    """Smallest gold-token margin ``min_t (l_gold,t - max_{v != gold} l_v,t)`` over the supervised tokens, per example.
+
+    ``f > 0`` exactly when the argmax at every supervised position is the gold token (teacher-forced exact match).
+    Arguments as in :func:`token_log_odds_output`. An example without supervised tokens gets 0 (the collector
+    skips those).
+    """
+    if shift:
+        logits, labels = logits[..., :-1, :], labels[..., 1:]
+    logits = logits.float()
+    gold = labels.clamp(min=0)
+    gold_logit = torch.gather(logits, -1, gold.unsqueeze(-1)).squeeze(-1)
+    classes = torch.arange(logits.shape[-1], device=logits.device)
+    best_other = logits.masked_fill(classes == gold.unsqueeze(-1), float("-inf")).amax(-1)
+    supervised = labels != IGNORE_INDEX
+    smallest = (gold_logit - best_other).masked_fill(~supervised, float("inf")).amin(-1)
+    return torch.where(supervised.any(-1), smallest, torch.zeros_like(smallest))
 
 
 def seq2seq_token_log_odds_output(
@@ -259,6 +285,27 @@ for _name, _reduce in (
     )
 
 
+def _sequence_margin(kind: str, prob_clamp: float) -> Callable[[Any, Mapping[str, torch.Tensor]], torch.Tensor]:
+    shift = kind == "causal_lm"
+
+    def margin(model_output: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return sequence_margin_output(_logits(model_output), batch["labels"], shift=shift)
+
+    return margin
+
+
+register_output_fn(
+    OutputFunction(
+        "sequence_margin",
+        ("causal_lm", "seq2seq"),
+        _sequence_margin,
+        "a language model",
+        "classification_margin",
+        kind_in_name=True,
+    )
+)
+
+
 def resolve_output_fn(
     model: Any, output_fn: str | Callable = "auto", *, prob_clamp: float = 1e-6
 ) -> OutputSpec:
@@ -267,7 +314,7 @@ def resolve_output_fn(
     Args:
         model: the (possibly PEFT-wrapped) model.
         output_fn: ``"auto"`` (``"sequence_log_odds"`` for language models, ``"classification_margin"`` for
-            classifiers), a registered name (``"token_log_odds"``, ``"sequence_log_odds"``,
+            classifiers), a registered name (``"token_log_odds"``, ``"sequence_log_odds"``, ``"sequence_margin"``,
             ``"classification_margin"``, or one added with :func:`register_output_fn`), or a callable
             ``fn(model_output, batch) -> Tensor[B]`` (used as is; it must work under ``torch.func.vmap`` for the
             batched path, otherwise the collector falls back to a per-example loop).
@@ -282,7 +329,7 @@ def resolve_output_fn(
         )
     if output_fn == "auto":
         output_fn = _AUTO[kind]
-    if output_fn in ("seq2seq_token_log_odds", "seq2seq_sequence_log_odds"):  # names as manifests record them
+    if output_fn in ("seq2seq_token_log_odds", "seq2seq_sequence_log_odds", "seq2seq_sequence_margin"):  # names as manifests record them
         output_fn = output_fn.removeprefix("seq2seq_")
     entry = _OUTPUT_FUNCTIONS.get(output_fn)
     if entry is None:

@@ -169,6 +169,7 @@ class Finetuner:
                 "metric": float(scored[metric]),
                 "loss": float(scored["loss"]),
                 "seconds": seconds,
+                **{k: float(v) for k, v in scored.items() if k.endswith("_loss") and k != "loss"},
             }
         return self.memo[key]
 

@@ -216,3 +216,65 @@ def test_a_registered_output_function_is_selected_by_name():
         _OUTPUT_FUNCTIONS.pop("first_logit")
     with pytest.raises(ValueError, match="'first_logit' is not valid"):
         resolve_output_fn(make_tiny_causal_lm("gpt2"), "first_logit")
+
+
+def test_sequence_margin_is_positive_exactly_on_teacher_forced_exact_match():
+    from hf_subset_select.collect.outputs import sequence_margin_output
+
+    torch.manual_seed(3)
+    logits = torch.randn(64, 6, 9) * 3
+    labels = torch.randint(0, 9, (64, 6))
+    labels[:, :3] = -100  # the prompt
+    labels[:8, 3:] = logits[:8, 2:5].argmax(-1)  # the first eight rows: greedy reproduces every gold token
+    f = sequence_margin_output(logits, labels)
+    gold, mask = labels[:, 1:], labels[:, 1:] != -100
+    match = ((logits[:, :-1].argmax(-1) == gold) | ~mask).all(1)
+    assert match[:8].all() and not match.all()  # both outcomes occur
+    assert torch.equal(f > 0, match)
+    # the value: the smallest per-token margin, by a naive loop
+    for b in (0, 9, 20):
+        margins = []
+        for t in range(5):
+            if gold[b, t] != -100:
+                row = logits[b, t].double()
+                others = torch.cat([row[: gold[b, t]], row[gold[b, t] + 1 :]])
+                margins.append(float(row[gold[b, t]] - others.max()))
+        assert abs(float(f[b]) - min(margins)) < 1e-5
+    # seq2seq: no shift; an example without supervised tokens gets 0
+    lab = torch.full((2, 4), -100)
+    lab[0, 1] = 2
+    out = sequence_margin_output(logits[:2, :4], lab, shift=False)
+    assert out[1] == 0 and torch.isfinite(out).all()
+
+
+def test_sequence_margin_resolves_and_its_gradient_flows_through_the_argmin_token():
+    from hf_subset_select import CollectConfig
+    from hf_subset_select.data.encode import IGNORE_INDEX
+    from hf_subset_select.demo.toy import make_tiny_causal_lm, make_tiny_classifier
+
+    assert CollectConfig(output_fn="sequence_margin").output_fn == "sequence_margin"
+    model = make_tiny_causal_lm("gpt2", vocab_size=20, hidden=16, layers=1, heads=2, seed=0)
+    spec = resolve_output_fn(model, "sequence_margin")
+    assert spec.name == "sequence_margin" and resolve_output_fn(model, spec.name).name == "sequence_margin"
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
+    labels = ids.clone()
+    labels[0, :3] = IGNORE_INDEX
+    params = [p for p in model.parameters() if p.requires_grad]
+    f = spec(model(input_ids=ids), {"labels": labels})[0]
+    grads = torch.autograd.grad(f, params)
+    assert any(g.abs().sum() > 0 for g in grads) and all(torch.isfinite(g).all() for g in grads)
+    # under vmap (the collector's batched path) it gives the same values as on the batch
+    from torch.func import functional_call, vmap
+
+    named = dict(model.named_parameters())
+    batch_ids, batch_labels = torch.cat([ids, ids.flip(1)]), torch.cat([labels, labels])
+
+    def one(i, lab):
+        out = functional_call(model, named, (), {"input_ids": i[None], "attention_mask": torch.ones_like(i)[None]})
+        return spec(out, {"labels": lab.unsqueeze(0)})[0]
+
+    torch.testing.assert_close(
+        vmap(one)(batch_ids, batch_labels), spec(model(input_ids=batch_ids), {"labels": batch_labels})
+    )
+    with pytest.raises(ValueError, match="needs a language model.*classification_margin"):
+        resolve_output_fn(make_tiny_classifier(), "sequence_margin")

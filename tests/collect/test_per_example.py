@@ -52,6 +52,11 @@ def _naive_output(model, ex, kind, output="token_log_odds"):
     labels = torch.tensor(ex["labels"][1:])
     keep = labels != -100
     gold = lp[keep].gather(-1, labels[keep][:, None])[:, 0]
+    if output == "sequence_margin":  # smallest gold logit minus the best other logit
+        raw = logits[0, :-1].double()[keep]
+        gold_logit = raw.gather(-1, labels[keep][:, None])[:, 0]
+        others = raw.scatter(-1, labels[keep][:, None], float("-inf")).max(-1).values
+        return (gold_logit - others).min()
     if output == "sequence_log_odds":  # log-odds of the geometric-mean gold probability
         mean = gold.mean()
         return mean - torch.log1p(-mean.exp())
@@ -79,8 +84,19 @@ def _naive_projected(model, examples, kind, dense, output="token_log_odds"):
         (False, "vmap", "sequence_log_odds"),
         (True, "hooks", "token_log_odds"),
         (True, "vmap", "token_log_odds"),
+        (True, "hooks", "sequence_margin"),
+        (True, "vmap", "sequence_margin"),
     ],
-    ids=["lora-hooks", "lora-vmap", "full-hooks", "full-vmap", "lora-hooks-mean", "lora-vmap-mean"],
+    ids=[
+        "lora-hooks",
+        "lora-vmap",
+        "full-hooks",
+        "full-vmap",
+        "lora-hooks-mean",
+        "lora-vmap-mean",
+        "lora-hooks-margin",
+        "lora-vmap-margin",
+    ],
 )
 def test_batched_projected_grads_equal_naive_autograd(kind, lora, method, output):
     model = _make(kind, lora)

@@ -284,28 +284,32 @@ class GenerationTask(Task):
         return out
 
     def score(self, model: Any, rows: Sequence[dict[str, Any]], batch_size: int = 32) -> dict[str, Any]:
-        """``f`` (the collector's default output), ``loss`` (mean log(1 + exp(-f))), ``completion_loss`` (token
-        cross entropy of the completions), ``exact_match`` (greedy answer equals the gold completion)."""
+        """``f`` (the collector's default output), ``loss`` (mean log(1 + exp(-f))), ``margin_loss`` (the same of the
+        ``"sequence_margin"`` output, the smooth stand-in for the exact-match error), ``completion_loss`` (token cross
+        entropy of the completions), ``exact_match`` (greedy answer equals the gold completion)."""
         from hf_subset_select import CollectConfig
         from hf_subset_select.collect.outputs import resolve_output_fn
 
         spec = resolve_output_fn(model, CollectConfig().output_fn)
+        margin_spec = resolve_output_fn(model, "sequence_margin")
         model.eval()
-        fs, hits, nll_sum, tokens = [], [], 0.0, 0
+        fs, margins, hits, nll_sum, tokens = [], [], [], 0.0, 0
         with torch.no_grad():
             for start in range(0, len(rows), batch_size):
                 batch = self.collate(list(rows[start : start + batch_size]))
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                 fs.append(spec(out, batch).double())
+                margins.append(margin_spec(out, batch).double())
                 logits, gold = out.logits[:, :-1].double(), batch["labels"][:, 1:]
                 mask = gold != -100
                 nll = F.cross_entropy(logits.transpose(1, 2), gold.clamp(min=0), reduction="none")
                 nll_sum, tokens = nll_sum + float((nll * mask).sum()), tokens + int(mask.sum())
                 hits.append(((logits.argmax(-1) == gold) | ~mask).all(1))
-        f, em = torch.cat(fs), torch.cat(hits).double()
+        f, em, margin = torch.cat(fs), torch.cat(hits).double(), torch.cat(margins)
         return {
             "f": f,
             "loss": float(F.softplus(-f).mean()),
+            "margin_loss": float(F.softplus(-margin).mean()),
             "completion_loss": nll_sum / max(tokens, 1),
             "exact_match": float(em.mean()),
             "accuracy": float(em.mean()),

@@ -349,3 +349,22 @@ def test_objective_comparison_runs_on_a_tiny_causal_lm(tmp_path: Any) -> None:
     assert a != b
     assert set(entry["test"]) >= {"target_only", "ours/sequence_margin", "ours/sequence_log_odds"}
     assert entry["margin_ours_vs"]["target_only"]["seeds"] == [0, 1] and entry["reproduces_suite"] is None
+
+
+def test_oracle_gain_fraction_is_undefined_when_the_oracle_gains_nothing() -> None:
+    """Two losses against target only must not read as a fraction of a gain."""
+    import suite
+
+    assert suite.gain_fraction(0.03, 0.04) == pytest.approx(0.75)
+    assert suite.gain_fraction(-0.01, 0.04) == pytest.approx(-0.25)
+    assert suite.gain_fraction(-0.03, -0.06) is None and suite.gain_fraction(0.02, 0.0) is None
+    entry = {
+        "ours_vs": {b: {"diff_mean": 0.0, "ci_low": 0.0, "ci_high": 0.0} for b in suite.BASELINES},
+        "methods": {"ours": {"test_metric_mean": 0.5}},
+        "fidelity": {"budget_spearman": 0.5},
+        "start_point": {"ours": "theta_star", "all_sources": "base"},
+        "oracle": {"test_gain": -0.06, "ours_test_gain": -0.03, "gain_fraction": 0.5, "speedup": 20.0},
+    }
+    summary = suite.summarize({"t": entry}, 0, {"commit": "c", "dirty": False})
+    assert entry["oracle"]["gain_fraction"] is None and summary["oracle_gain_fraction_min"] is None
+    assert summary["oracle_tasks"] == 1 and summary["oracle_tasks_without_test_gain"] == 1

@@ -212,7 +212,7 @@ def run_task(
         gain = o["test_metric_mean"] - target_only
         ours_gain = results["ours"]["test_metric_mean"] - target_only
         entry["oracle"].update(
-            test_gain=gain, ours_test_gain=ours_gain, gain_fraction=ours_gain / gain if gain else None
+            test_gain=gain, ours_test_gain=ours_gain, gain_fraction=gain_fraction(ours_gain, gain)
         )
         entry["oracle"]["speedup"] = entry["oracle"]["seconds"] / ours_seconds
     test_ids = set(data.test["example_id"])
@@ -232,6 +232,12 @@ def run_task(
     }
     entry["cache"] = {"dim": cache.dim, "num_examples": cache.num_examples, "path": cache_dir}
     return entry, (cache, data)
+
+
+def gain_fraction(ours_gain: float, oracle_gain: float) -> float | None:
+    """Ours' test gain over target only as a fraction of the oracle's; None when the oracle gains nothing on
+    ``test`` (then there is no gain to reach, and a ratio of two losses would read as a fraction of a gain)."""
+    return ours_gain / oracle_gain if oracle_gain > 0 else None
 
 
 def mean_ranks(tasks: dict[str, Any]) -> dict[str, float]:
@@ -268,12 +274,17 @@ def summarize(tasks: dict[str, Any], causal: int, git: dict[str, Any]) -> dict[s
 
     beats = {b: record(b) for b in BASELINES}
     oracles = [e["oracle"] for e in tasks.values() if "oracle" in e]
+    for o in oracles:  # recomputed, so that merged results of older runs follow the same rule
+        if "test_gain" in o:
+            o["gain_fraction"] = gain_fraction(o["ours_test_gain"], o["test_gain"])
     return {
         "num_tasks": len(tasks),
         "num_causal_lm_tasks": causal,
         **{f"beats_{b}": beats[b] for b in BASELINES},
         "significant_wins_vs_best_similarity": beats["best_similarity"]["wins"],
         "oracle_gain_fraction_min": minimum([o.get("gain_fraction") for o in oracles]),
+        "oracle_tasks": len(oracles),
+        "oracle_tasks_without_test_gain": sum(o.get("test_gain", 0.0) <= 0 for o in oracles),
         "end_to_end_speedup_min": minimum([o.get("speedup") for o in oracles]),
         "budget_spearman_min": minimum([e["fidelity"]["budget_spearman"] for e in tasks.values()]),
         "mean_rank": mean_ranks(tasks),

@@ -107,7 +107,15 @@ def summary_lines(summary: dict[str, Any]) -> str:
         )
     ranks = sorted(summary["mean_rank"].items(), key=lambda kv: kv[1])
     out.append("- mean rank: " + ", ".join(f"{k} {v:.1f}" for k, v in ranks))
-    for key in ("oracle_gain_fraction_min", "end_to_end_speedup_min", "budget_spearman_min", "frozen_commit"):
+    keys = (
+        "oracle_tasks",
+        "oracle_tasks_without_test_gain",
+        "oracle_gain_fraction_min",
+        "end_to_end_speedup_min",
+        "budget_spearman_min",
+        "frozen_commit",
+    )
+    for key in keys:
         out.append(f"- {key}: {summary.get(key)}")
     return "\n".join(out)
 

@@ -352,8 +352,9 @@ def fill_variants(entry: dict[str, Any], variants: dict[str, list[str]]) -> None
 
 def merge(paths: list[str], output: str, posthoc: dict[str, Any] | None = None) -> dict[str, Any]:
     """One results file from several suite runs: their tasks (a task in two files is refused), each with its run's
-    ``run`` entry (commit, settings, environment), and the summary over all; ``summary.frozen_commit`` is the
-    commit they share, or None with ``summary.commits`` listing them when they differ."""
+    ``run`` entry (commit, settings, environment; a task from a merged file keeps the one it has), and the summary
+    over all; ``summary.frozen_commit`` is the commit they share, or None with ``summary.commits`` listing them
+    when they differ."""
     import json
 
     tasks: dict[str, Any] = {}
@@ -365,6 +366,9 @@ def merge(paths: list[str], output: str, posthoc: dict[str, Any] | None = None) 
         for name, entry in result["tasks"].items():
             if name in tasks:
                 raise ValueError(f"task {name!r} is in more than one of {paths}; merge each task once")
+            if "run" in entry:  # from a merged file: the task keeps the run it was measured in
+                tasks[name] = entry
+                continue
             run = {
                 "file": os.path.basename(path),
                 "complete": result.get("complete"),

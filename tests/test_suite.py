@@ -179,10 +179,17 @@ def test_suite_end_to_end(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Non
     other["tasks"] = {"toy3": {**entry, "causal_lm": False}}
     other["summary"]["frozen_commit"] = "rerun-commit"
     (tmp_path / "rerun.json").write_text(json.dumps(other))
-    again = suite.merge([str(tmp_path / "merged.json"), str(tmp_path / "rerun.json")], str(tmp_path / "again.json"))
+    again = suite.merge(
+        [str(tmp_path / "merged.json"), str(tmp_path / "rerun.json")], str(tmp_path / "again.json")
+    )
     assert again["tasks"]["toy"]["run"] == merged["tasks"]["toy"]["run"]
-    assert again["tasks"]["toy3"]["run"]["commit"] == "rerun-commit" and again["summary"]["frozen_commit"] is None
-    assert again["summary"]["commits"]["toy2"] == summary["frozen_commit"] and again["summary"]["num_tasks"] == 3
+    assert (
+        again["tasks"]["toy3"]["run"]["commit"] == "rerun-commit"
+        and again["summary"]["frozen_commit"] is None
+    )
+    assert (
+        again["summary"]["commits"]["toy2"] == summary["frozen_commit"] and again["summary"]["num_tasks"] == 3
+    )
 
     from suite_report import report  # the markdown tables docs/benchmarks.md shows
 

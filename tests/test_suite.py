@@ -122,8 +122,26 @@ def test_suite_end_to_end(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Non
         m = entry["methods"][name]
         assert {"test_metric_mean", "test_metric_std", "sources"} <= set(m)
         assert sorted(m["per_seed"]) == ["0", "1"]  # paired seeds: the same for every method
-    for name in ("gradient_similarity", "representation_similarity", "oracle", "random/2"):
+    for name in (
+        "gradient_similarity",
+        "gradient_similarity_own",
+        "representation_similarity",
+        "oracle",
+        "random/2",
+    ):
         assert name in entry["methods"]
+    from hf_subset_select import GradientCache
+    from hf_subset_select.select.baselines import gradient_similarity_selection
+
+    # gradient similarity at its own keep rule (above the mean cosine), not at ours' k
+    own = gradient_similarity_selection(GradientCache.load(entry["cache"]["path"]))
+    assert entry["methods"]["gradient_similarity_own"]["sources"] == list(own.selected)
+    sims = ("gradient_similarity", "gradient_similarity_own", "representation_similarity")
+    best = max(sims, key=lambda n: entry["methods"][n]["test_metric_mean"])
+    assert (
+        entry["methods"][entry["ours_vs"]["best_similarity"]["method"]]["test_metric_mean"]
+        == (entry["methods"][best]["test_metric_mean"])
+    )
     for baseline in ("all_sources", "target_only", "random", "best_similarity"):
         diff = entry["ours_vs"][baseline]
         assert {"diff_mean", "ci_low", "ci_high"} <= set(diff) and diff["seeds"] == [0, 1]

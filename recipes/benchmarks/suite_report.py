@@ -23,6 +23,7 @@ METHODS = (
     "all_sources@base",
     "random",
     "gradient_similarity",
+    "gradient_similarity_own",
     "representation_similarity",
     "oracle",
 )

@@ -185,7 +185,6 @@ def select_methods(
     above its mean cosine (``gradient_similarity_own``).
     """
     from hf_subset_select import SelectConfig, select_sources
-    from hf_subset_select.select.baselines import gradient_similarity_selection
 
     t0 = time.perf_counter()
     est = estimator_for_training_args(cache, spec.training_arguments())
@@ -203,7 +202,7 @@ def select_methods(
         "gradient_similarity": {"sources": list(gradient_similarity(cache, k).selected)},
         # the same baseline at its own keep rule (sources above the candidates' mean cosine), as a user of
         # LESS-style selection would run it without knowing ours' k
-        "gradient_similarity_own": {"sources": list(gradient_similarity_selection(cache).selected)},
+        "gradient_similarity_own": {"sources": list(gradient_similarity(cache, None).selected)},
         "representation_similarity": {"sources": list(representation_similarity(cache, k).selected)},
     }
     for draw in range(random_draws):
@@ -254,12 +253,8 @@ def paired(ours: dict[Any, float], other: dict[Any, float]) -> dict[str, Any]:
 
 def compare(methods: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """``ours`` against every other method (``best_similarity``: the similarity baseline with the highest mean, over
-    both similarities and, where run, gradient similarity at its own keep rule)."""
-    sims = [
-        n
-        for n in ("gradient_similarity", "gradient_similarity_own", "representation_similarity")
-        if n in methods
-    ]
+    both similarities and gradient similarity at its own keep rule)."""
+    sims = ("gradient_similarity", "gradient_similarity_own", "representation_similarity")
     best = max(sims, key=lambda n: methods[n]["test_metric_mean"])
     against = [n for n in methods if n != "ours" and not n.startswith("random/")]
     out = {n: paired(methods["ours"]["per_seed"], methods[n]["per_seed"]) for n in against}

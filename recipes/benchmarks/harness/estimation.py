@@ -44,8 +44,9 @@ def forward_check(
     return check(estimator, model, subsets, target_dataset, **kwargs)
 
 
-def gradient_similarity(cache: Any, k: int) -> Any:
-    """The gradient-similarity baseline keeping the ``k`` most similar sources."""
+def gradient_similarity(cache: Any, k: int | None) -> Any:
+    """The gradient-similarity baseline keeping the ``k`` most similar sources (None: its own keep rule, the
+    sources above the candidates' mean cosine)."""
     from hf_subset_select.select.baselines import gradient_similarity_selection
 
     return gradient_similarity_selection(cache, top_k=k)

@@ -126,23 +126,33 @@ def test_suite_end_to_end(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Non
         "gradient_similarity",
         "gradient_similarity_own",
         "representation_similarity",
+        "representation_similarity_own",
         "oracle",
         "random/2",
     ):
         assert name in entry["methods"]
     from hf_subset_select import GradientCache
-    from hf_subset_select.select.baselines import gradient_similarity_selection
-
-    # gradient similarity at its own keep rule (above the mean cosine), not at ours' k
-    own = gradient_similarity_selection(GradientCache.load(entry["cache"]["path"]))
-    assert entry["methods"]["gradient_similarity_own"]["sources"] == list(own.selected)
-    sims = ("gradient_similarity", "gradient_similarity_own", "representation_similarity")
-    best = max(sims, key=lambda n: entry["methods"][n]["test_metric_mean"])
-    assert (
-        entry["methods"][entry["ours_vs"]["best_similarity"]["method"]]["test_metric_mean"]
-        == (entry["methods"][best]["test_metric_mean"])
+    from hf_subset_select.select.baselines import (
+        gradient_similarity_selection,
+        representation_similarity_selection,
     )
-    for baseline in ("all_sources", "target_only", "random", "best_similarity"):
+
+    # both similarities at their own keep rule (above the mean cosine), not at ours' k
+    cache = GradientCache.load(entry["cache"]["path"])
+    own = gradient_similarity_selection(cache)
+    assert entry["methods"]["gradient_similarity_own"]["sources"] == list(own.selected)
+    own = representation_similarity_selection(cache)
+    assert entry["methods"]["representation_similarity_own"]["sources"] == list(own.selected)
+    own_rule = ("gradient_similarity_own", "representation_similarity_own")
+    at_k = ("gradient_similarity", "representation_similarity")
+    for key, sims in (("best_similarity", at_k + own_rule), ("best_similarity_own_rule", own_rule)):
+        best = max(sims, key=lambda n: entry["methods"][n]["test_metric_mean"])
+        assert entry["ours_vs"][key]["method"] in sims
+        assert (
+            entry["methods"][entry["ours_vs"][key]["method"]]["test_metric_mean"]
+            == (entry["methods"][best]["test_metric_mean"])
+        )
+    for baseline in ("all_sources", "target_only", "random", "best_similarity", "best_similarity_own_rule"):
         diff = entry["ours_vs"][baseline]
         assert {"diff_mean", "ci_low", "ci_high"} <= set(diff) and diff["seeds"] == [0, 1]
         assert diff["ci_low"] <= diff["diff_mean"] <= diff["ci_high"]
@@ -165,6 +175,7 @@ def test_suite_end_to_end(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Non
         "beats_random",
         "beats_best_similarity",
         "significant_wins_vs_best_similarity",
+        "significant_wins_vs_similarity_own_rule",
         "oracle_gain_fraction_min",
         "end_to_end_speedup_min",
         "budget_spearman_min",

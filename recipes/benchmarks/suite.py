@@ -9,7 +9,7 @@ Per task (``tasks/wordnet.py``, ``tasks/wordnet_suite.py``), all methods from on
    ``EstimatorConfig.from_training_args``, ``select_sources`` at its default method, filter mode), ``ours_weighted``
    (the selection's sampling weights), ``target_only``, ``all_sources``, ``random`` (k sources, several draws),
    ``gradient_similarity`` and ``representation_similarity`` (top k), with k the size of ours, and
-   ``gradient_similarity_own`` (above its mean cosine, its own keep rule); ``ours@base`` and
+   ``gradient_similarity_own`` and ``representation_similarity_own`` (above their mean cosine, their own keep rule); ``ours@base`` and
    ``all_sources@base`` start from the base model with a fresh adapter instead of θ*; ``oracle`` (greedy forward
    selection with real fine-tunes scored on ``dev``) on the tasks of ``--oracle-tasks``.
 3. Final fine-tunes on paired seeds (the same for every method), scored on ``test``; ours minus each baseline with
@@ -58,7 +58,7 @@ TASKS = ("wordnet_nouns", "wordnet_verbs", "lexcat_gemma", "antonym_gemma")
 # the MiniLM tasks; the _mixed ones (not in TASKS) are the first two with 30% of each helpful source's rows
 # relabelled with conflicting labels (tasks/wordnet.py, plant_conflicts)
 MINILM_TASKS = ("wordnet_nouns", "wordnet_verbs", "wordnet_nouns_mixed", "wordnet_verbs_mixed")
-BASELINES = ("all_sources", "target_only", "random", "best_similarity")
+BASELINES = ("all_sources", "target_only", "random", "best_similarity", "best_similarity_own_rule")
 
 
 def parse_args(argv: list[str] | None = None) -> Any:
@@ -259,7 +259,7 @@ def summarize(tasks: dict[str, Any], causal: int, git: dict[str, Any]) -> dict[s
     the suite started)."""
 
     def record(baseline: str) -> dict[str, int]:
-        diffs = [e["ours_vs"][baseline] for e in tasks.values()]
+        diffs = [e["ours_vs"][baseline] for e in tasks.values() if baseline in e["ours_vs"]]
         wins = sum(d["ci_low"] > 0 for d in diffs)
         losses = sum(d["ci_high"] < 0 for d in diffs)
         return {
@@ -283,6 +283,7 @@ def summarize(tasks: dict[str, Any], causal: int, git: dict[str, Any]) -> dict[s
         "num_causal_lm_tasks": causal,
         **{f"beats_{b}": beats[b] for b in BASELINES},
         "significant_wins_vs_best_similarity": beats["best_similarity"]["wins"],
+        "significant_wins_vs_similarity_own_rule": beats["best_similarity_own_rule"]["wins"],
         "oracle_gain_fraction_min": minimum([o.get("gain_fraction") for o in oracles]),
         "oracle_tasks": len(oracles),
         "oracle_tasks_without_test_gain": sum(o.get("test_gain", 0.0) <= 0 for o in oracles),

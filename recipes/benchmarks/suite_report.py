@@ -25,9 +25,10 @@ METHODS = (
     "gradient_similarity",
     "gradient_similarity_own",
     "representation_similarity",
+    "representation_similarity_own",
     "oracle",
 )
-BASELINES = ("target_only", "all_sources", "random", "best_similarity", "oracle")
+BASELINES = ("target_only", "all_sources", "random", "best_similarity", "best_similarity_own_rule", "oracle")
 
 
 def _mean(entry: dict[str, Any], name: str) -> str:
@@ -72,8 +73,9 @@ def comparison_table(tasks: dict[str, Any]) -> str:
     lines = [head, "|---|" + "---|" * (len(BASELINES) + 2)]
     for name, e in tasks.items():
         diffs = [_diff(e["ours_vs"].get(b)) for b in BASELINES]
-        best = e["ours_vs"]["best_similarity"].get("method", "")
-        diffs[3] += f" ({best.split('_')[0]})" if best else ""
+        for i, key in ((3, "best_similarity"), (4, "best_similarity_own_rule")):
+            best = e["ours_vs"].get(key, {}).get("method", "")
+            diffs[i] += f" ({best.split('_')[0]})" if best else ""
         f = e["fidelity"]
         lines.append(
             f"| {name} | "
@@ -100,8 +102,10 @@ def selections_table(tasks: dict[str, Any]) -> str:
 def summary_lines(summary: dict[str, Any]) -> str:
     """The cross-task summary as a short list."""
     out = [f"- tasks: {summary['num_tasks']} ({summary['num_causal_lm_tasks']} causal LM)"]
-    for b in ("all_sources", "target_only", "random", "best_similarity"):
-        r = summary[f"beats_{b}"]
+    for b in ("all_sources", "target_only", "random", "best_similarity", "best_similarity_own_rule"):
+        r = summary.get(f"beats_{b}")
+        if r is None:  # older results
+            continue
         out.append(
             f"- ours vs {b}: {r['wins']} wins / {r['ties']} ties / {r['losses']} losses (interval), "
             f"higher mean on {r['higher_mean']}"

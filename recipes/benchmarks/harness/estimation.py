@@ -52,8 +52,9 @@ def gradient_similarity(cache: Any, k: int | None) -> Any:
     return gradient_similarity_selection(cache, top_k=k)
 
 
-def representation_similarity(cache: Any, k: int) -> Any:
-    """The representation-similarity baseline keeping the ``k`` most similar sources."""
+def representation_similarity(cache: Any, k: int | None) -> Any:
+    """The representation-similarity baseline keeping the ``k`` most similar sources (None: its own keep rule,
+    the sources above the candidates' mean cosine)."""
     from hf_subset_select.select.baselines import representation_similarity_selection
 
     return representation_similarity_selection(cache, top_k=k)

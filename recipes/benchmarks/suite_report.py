@@ -46,6 +46,12 @@ def _diff(d: dict[str, Any] | None) -> str:
     return f"{mark}{d['diff_mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]{mark}"
 
 
+def _which(d: dict[str, Any] | None) -> str:
+    """Which similarity a ``best_similarity*`` comparison ended up against (empty for the other baselines)."""
+    method = (d or {}).get("method", "")
+    return f" ({method.split('_')[0]})" if method else ""
+
+
 def _sources(entry: dict[str, Any], name: str) -> str:
     m = entry["methods"].get(name)
     if m is None or name == "random":
@@ -72,10 +78,7 @@ def comparison_table(tasks: dict[str, Any]) -> str:
     )
     lines = [head, "|---|" + "---|" * (len(BASELINES) + 2)]
     for name, e in tasks.items():
-        diffs = [_diff(e["ours_vs"].get(b)) for b in BASELINES]
-        for i, key in ((3, "best_similarity"), (4, "best_similarity_own_rule")):
-            best = e["ours_vs"].get(key, {}).get("method", "")
-            diffs[i] += f" ({best.split('_')[0]})" if best else ""
+        diffs = [_diff(e["ours_vs"].get(b)) + _which(e["ours_vs"].get(b)) for b in BASELINES]
         f = e["fidelity"]
         lines.append(
             f"| {name} | "
@@ -102,9 +105,9 @@ def selections_table(tasks: dict[str, Any]) -> str:
 def summary_lines(summary: dict[str, Any]) -> str:
     """The cross-task summary as a short list."""
     out = [f"- tasks: {summary['num_tasks']} ({summary['num_causal_lm_tasks']} causal LM)"]
-    for b in ("all_sources", "target_only", "random", "best_similarity", "best_similarity_own_rule"):
+    for b in BASELINES:
         r = summary.get(f"beats_{b}")
-        if r is None:  # older results
+        if r is None:  # the oracle (no beats_ key), or results older than the baseline
             continue
         out.append(
             f"- ours vs {b}: {r['wins']} wins / {r['ties']} ties / {r['losses']} losses (interval), "

@@ -271,10 +271,8 @@ def compare(methods: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     against = [n for n in methods if n != "ours" and not n.startswith("random/")]
     out = {n: paired(methods["ours"]["per_seed"], methods[n]["per_seed"]) for n in against}
     for key, sims in SIMILARITIES.items():
-        present = [n for n in sims if n in methods]  # results of older runs lack the _own variants
-        if present:
-            best = max(present, key=lambda n: methods[n]["test_metric_mean"])
-            out[key] = {**out[best], "method": best}
+        best = max(sims, key=lambda n: methods[n]["test_metric_mean"])
+        out[key] = {**out[best], "method": best}
     return out
 
 

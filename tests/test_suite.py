@@ -104,6 +104,10 @@ def test_suite_end_to_end(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Non
 
     later = suite_posthoc.analyse("toy", entry["cache"]["path"], str(out))
     assert set(later["variants"]) == set(suite_runs.VARIANTS)
+    # the fidelity figures recomputed from the kept cache and the run's real dev losses are the run's own
+    assert later["reproduces_suite"] == {"selection": True, "budget_estimates": True}
+    for name, figures in later["fidelity"]["calibrated"].items():
+        assert figures["estimates"] == pytest.approx(entry["fidelity"]["calibrated"][name]["estimates"])
     for variant, sources in later["variants"].items():  # the same selections as the run made
         assert sorted(sources) == sorted(entry["methods"][f"variant/{variant}"]["sources"])
     single = later["single_source"]
@@ -162,8 +166,17 @@ def test_suite_end_to_end(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Non
     assert {"budget_spearman", "budget_mean_relative_error", "no_change_mean_relative_error"} <= set(
         entry["fidelity"]
     )
-    assert len(entry["fidelity"]["subsets"]) >= 8
-    assert {"gain_fraction", "speedup"} <= set(entry["oracle"])
+    fid = entry["fidelity"]
+    assert len(fid["subsets"]) >= 8
+    assert set(fid["calibrated"]) == {"default", "lambda_only"}
+    for figures in fid["calibrated"].values():  # leave one out: one calibration and one estimate per subset
+        assert len(figures["estimates"]) == len(figures["folds"]) == len(fid["subsets"])
+        assert {"spearman", "mean_relative_error", "spearman_metric"} <= set(figures)
+    assert fid["calibrated_spearman"] == fid["calibrated"]["default"]["spearman"]
+    assert len(fid["real_dev_metric"]) == len(fid["subsets"])
+    assert {"gain_fraction", "speedup", "speedup_cpu"} <= set(entry["oracle"])
+    cpu = entry["seconds"]["ours_end_to_end_cpu"]
+    assert cpu > 0 and entry["oracle"]["speedup_cpu"] == pytest.approx(entry["oracle"]["cpu_seconds"] / cpu)
     assert entry["model"] == "tiny-gpt2" and result["complete"]
     assert set(entry["ablations"]) == set(task.build(0).roles)
     summary = result["summary"]
@@ -178,10 +191,13 @@ def test_suite_end_to_end(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Non
         "significant_wins_vs_similarity_own_rule",
         "oracle_gain_fraction_min",
         "end_to_end_speedup_min",
+        "end_to_end_speedup_cpu_min",
         "budget_spearman_min",
+        "calibrated_spearman_min",
         "frozen_commit",
     ):
         assert key in summary
+    assert summary["calibrated_spearman_min"] == fid["calibrated_spearman"]
     assert summary["num_tasks"] == 1 and summary["num_causal_lm_tasks"] == 1
     assert result["environment"]["git"]["commit"] == summary["frozen_commit"]
     for variant in suite_runs.VARIANTS:  # our other selectors, reported beside the default
@@ -412,3 +428,38 @@ def test_oracle_gain_fraction_is_undefined_when_the_oracle_gains_nothing() -> No
     summary = suite.summarize({"t": entry}, 0, {"commit": "c", "dirty": False})
     assert entry["oracle"]["gain_fraction"] is None and summary["oracle_gain_fraction_min"] is None
     assert summary["oracle_tasks"] == 1 and summary["oracle_tasks_without_test_gain"] == 1
+
+
+def test_held_out_calibration_recovers_a_known_lambda_and_never_sees_the_estimated_subset() -> None:
+    """Real losses made by the estimator itself at another λ and step scale: calibrating on the other subsets finds
+    them, so the held-out estimates match; and a wild loss for one subset moves the others' estimates, not its own."""
+    from harness.estimation import with_l2
+    from harness.fidelity import held_out_calibration
+
+    from hf_subset_select import EstimatorConfig, FirstOrderEstimator
+    from hf_subset_select.demo.synthetic import make_synthetic_cache
+
+    cache = make_synthetic_cache(seed=3)
+    est = FirstOrderEstimator(cache, EstimatorConfig())
+    names = list(est.sources)
+    subsets = [tuple(names[i : i + k]) for k in (1, 2, 3) for i in range(0, len(names) - k + 1, 2)][:9]
+    start = est.resolved_l2()
+    with_l2(est, start * 10.0, 1.0)
+    truth = est.estimate([list(s) for s in subsets]).tolist()
+    with_l2(est, start)
+    out = held_out_calibration(
+        est, subsets, truth, base=max(truth) * 1.5, other=truth, start_l2=start, fit_step_scale=False
+    )
+    assert out["mean_relative_error"] < 1e-3 and out["spearman"] == pytest.approx(1.0)
+    assert all(f["l2"] == pytest.approx(start * 10.0) for f in out["folds"])
+    assert (est.l2, est.step_scale) == (start, 1.0)  # restored
+
+    wild = list(truth)
+    wild[0] = truth[0] * 50.0
+    out_wild = held_out_calibration(
+        est, subsets, wild, base=max(truth) * 1.5, other=truth, start_l2=start, fit_step_scale=False
+    )
+    assert out_wild["estimates"][0] == pytest.approx(out["estimates"][0], rel=1e-6)
+    assert out_wild["mean_relative_error"] > out["mean_relative_error"]
+    with pytest.raises(ValueError, match="at least 3 subsets"):
+        held_out_calibration(est, subsets[:2], truth[:2], base=1.0, other=truth[:2], start_l2=start)

@@ -21,11 +21,16 @@ from harness.estimation import (
     random_baseline,
     representation_similarity,
 )
+from harness.fidelity import held_out_calibration
 from harness.stats import fidelity_metrics, mean_std, paired_bootstrap
 from harness.tasks import Task, TaskData, random_subsets, subset_rows
 from harness.training import restore
 
 Subset = tuple[str, ...]
+# calibrations of the held-out fidelity figures (``calibrate`` keyword arguments): the default fits λ and the step
+# scale, as docs/method.md section 6 gives it to a user; ``lambda_only`` keeps the step scale at 1 (one parameter:
+# λ and the step scale nearly trade off against each other on a handful of subsets)
+CALIBRATIONS: dict[str, dict[str, Any]] = {"default": {}, "lambda_only": {"fit_step_scale": False}}
 # our other selectors and keep rules (SelectConfig fields), fine-tuned and reported beside the default (memoized:
 # free when a variant keeps the same sources as a method already run)
 VARIANTS = {
@@ -135,7 +140,7 @@ class Finetuner:
         split: str = "test",
         examples: Sequence[int] | None = None,
     ) -> dict[str, float]:
-        """``{"metric", "loss", "seconds"}`` of the fine-tune on target + ``subset`` scored on ``split``.
+        """``{"metric", "loss", "seconds", "cpu_seconds"}`` of the fine-tune on target + ``subset`` scored on ``split``.
 
         ``examples``: also train on the candidate rows with these ``example_id`` s (a per-example or per-cluster
         selection). A set of ids that is exactly the union of whole sources is run (and memoized) as that subset, so
@@ -147,7 +152,7 @@ class Finetuner:
         if kept is not None:
             key = (*key, kept)
         if key not in self.memo:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             restore(self.params, self.start_values(start, seed))
             rows = self.training_rows(subset, weights, seed, kept)
             s = self.spec
@@ -162,13 +167,14 @@ class Finetuner:
             )
             scored = self.task.score(self.model, self._eval[split])
             self.splits_scored.append(split)
-            seconds = time.perf_counter() - t0
+            seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
             self.seconds, self.count = self.seconds + seconds, self.count + 1
             metric = getattr(self.task, "metric", "accuracy")
             self.memo[key] = {
                 "metric": float(scored[metric]),
                 "loss": float(scored["loss"]),
                 "seconds": seconds,
+                "cpu_seconds": cpu_seconds,
                 **{k: float(v) for k, v in scored.items() if k.endswith("_loss") and k != "loss"},
             }
         return self.memo[key]
@@ -293,25 +299,61 @@ def fidelity(
     tuner: Finetuner, cache: Any, candidates: Sequence[str], count: int, base: float
 ) -> dict[str, Any]:
     """Estimated vs real ``dev`` loss of ``count`` random subsets fine-tuned from θ* (seed 0) at the budget λ, no
-    calibration: Spearman, mean relative error and the "no change" error (``base``: the dev loss at θ*)."""
-    from hf_subset_select import EstimatorConfig, FirstOrderEstimator
-
+    calibration: Spearman, mean relative error and the "no change" error (``base``: the dev loss at θ*); then the
+    same after calibration on held-out subsets (:func:`fidelity_figures`)."""
     subsets = random_subsets(candidates, count, f"suite-fidelity-{len(candidates)}")
     real = [tuner.run(s, 0, split="dev") for s in subsets]
-    truth, other = [r["loss"] for r in real], [r["metric"] for r in real]
+    truth, metric = [r["loss"] for r in real], [r["metric"] for r in real]
+    return {**fidelity_figures(cache, tuner.spec, subsets, truth, base, metric), "real_dev_metric": metric}
+
+
+def fidelity_figures(
+    cache: Any,
+    spec: FinetuneSpec,
+    subsets: Sequence[Sequence[str]],
+    truth: Sequence[float],
+    base: float,
+    metric: Sequence[float] | None = None,
+) -> dict[str, Any]:
+    """The fidelity figures of real ``dev`` losses ``truth`` of ``subsets`` (fine-tuned with ``spec`` from θ*):
+    the budget-λ estimates with no calibration, then calibrated on held-out subsets (leave one out:
+    ``harness.fidelity.held_out_calibration``, each of ``CALIBRATIONS``; ``calibrated_*``: the default). Also used
+    on a finished run's real losses (``suite_posthoc.py``)."""
+    from hf_subset_select import EstimatorConfig, FirstOrderEstimator
+
+    subsets = [tuple(x) for x in subsets]
+    other = list(truth) if metric is None else list(metric)
     est = FirstOrderEstimator(cache, EstimatorConfig())
-    s = tuner.spec
     m = budget_metrics(
-        est, subsets, truth, base, other, lr=s.lr, steps=s.steps, optimizer="adamw", batch_size=s.batch_size
+        est,
+        subsets,
+        truth,
+        base,
+        other,
+        lr=spec.lr,
+        steps=spec.steps,
+        optimizer="adamw",
+        batch_size=spec.batch_size,
     )
     no_change = fidelity_metrics(m["estimates_budget"], truth, base, other)["no_change_mean_relative_error"]
+    held_out = {
+        name: held_out_calibration(est, subsets, truth, base, other, m["budget_l2"], **kwargs)
+        for name, kwargs in CALIBRATIONS.items()
+    }
+    if metric is None:
+        for figures in held_out.values():
+            figures.pop("spearman_metric")
+    cal = held_out["default"]
     return {
         "budget_spearman": m["budget_spearman"],
         "budget_mean_relative_error": m["budget_mean_relative_error"],
         "no_change_mean_relative_error": no_change,
         "budget_l2": m["budget_l2"],
+        "calibrated_spearman": cal["spearman"],
+        "calibrated_mean_relative_error": cal["mean_relative_error"],
+        "calibrated": held_out,
         "subsets": [list(x) for x in subsets],
-        "real_dev_loss": truth,
+        "real_dev_loss": list(truth),
         "estimated_dev_loss": m["estimates_budget"],
         "base_dev_loss": base,
     }
@@ -319,12 +361,15 @@ def fidelity(
 
 def oracle(tuner: Finetuner, candidates: Sequence[str], seed: int = 0) -> dict[str, Any]:
     """Greedy forward selection with real fine-tunes (from θ*) scored on ``dev`` loss: add the source that lowers it
-    most, stop when none does. Returns the subset, its path, and the number and seconds of its distinct fine-tunes."""
+    most, stop when none does. Returns the subset, its path, and the number, seconds and CPU seconds (this
+    process's, ``time.process_time``: less moved by other processes on a shared machine) of its distinct fine-tunes."""
     seconds: dict[Subset, float] = {}
+    cpu_seconds: dict[Subset, float] = {}
 
     def dev_loss(subset: Sequence[str]) -> float:
         r = tuner.run(subset, seed, split="dev")
         seconds[tuple(sorted(subset))] = r["seconds"]
+        cpu_seconds[tuple(sorted(subset))] = r["cpu_seconds"]
         return r["loss"]
 
     chosen: list[str] = []
@@ -338,4 +383,10 @@ def oracle(tuner: Finetuner, candidates: Sequence[str], seed: int = 0) -> dict[s
         best = trials[pick]
         path.append({"added": pick, "dev_loss": best})
         print(f"  oracle: + {pick} (dev loss {best:.4f})", flush=True)
-    return {"sources": chosen, "path": path, "finetunes": len(seconds), "seconds": sum(seconds.values())}
+    return {
+        "sources": chosen,
+        "path": path,
+        "finetunes": len(seconds),
+        "seconds": sum(seconds.values()),
+        "cpu_seconds": sum(cpu_seconds.values()),
+    }

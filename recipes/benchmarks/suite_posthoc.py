@@ -79,16 +79,22 @@ def analyse(task: str, cache_dir: str, result_path: str) -> dict[str, Any]:
     fid = fidelity_figures(
         cache, spec, fe["subsets"], fe["real_dev_loss"], fe["base_dev_loss"], fe.get("real_dev_metric")
     )
-    same_estimates = (
-        max(abs(a - b) for a, b in zip(fid["estimated_dev_loss"], fe["estimated_dev_loss"])) < 1e-6
-    )
+    estimate_diff = max(abs(a - b) for a, b in zip(fid["estimated_dev_loss"], fe["estimated_dev_loss"]))
     variants = {v: list(select_sources(est, config=SelectConfig(**f)).selected) for v, f in VARIANTS.items()}
     names = list(est.sources)
     base = float(est.estimate([[]])[0])
     estimated = [float(x) - base for x in est.estimate([[n] for n in names])]
     measured = [entry["ablations"][n]["diff_mean"] for n in names]
     return {
-        "reproduces_suite": {"selection": same_selection, "budget_estimates": same_estimates},
+        "reproduces_suite": {
+            "selection": same_selection,
+            "variants": all(
+                sorted(src) == sorted(entry["methods"].get(f"variant/{v}", {}).get("sources", [None]))
+                for v, src in variants.items()
+            ),
+            "budget_estimates": estimate_diff < 1e-6,
+            "budget_estimates_max_abs_diff": estimate_diff,
+        },
         "cache_rebuilt_seconds": rebuilt_seconds,
         "fidelity": {k: v for k, v in fid.items() if k not in ("subsets", "real_dev_loss", "base_dev_loss")},
         "variants": variants,

@@ -10,8 +10,8 @@ Per task (``tasks/wordnet.py``, ``tasks/wordnet_suite.py``), all methods from on
    (the selection's sampling weights), ``target_only``, ``all_sources``, ``random`` (k sources, several draws),
    ``gradient_similarity`` and ``representation_similarity`` (top k), with k the size of ours, and
    ``gradient_similarity_own`` and ``representation_similarity_own`` (above their mean cosine, their own keep
-   rule); ``ours@base`` and ``all_sources@base`` start from the base model with a fresh adapter instead of θ*; ``oracle`` (greedy forward
-   selection with real fine-tunes scored on ``dev``) on the tasks of ``--oracle-tasks``.
+   rule); ``ours@base`` and ``all_sources@base`` start from the base model with a fresh adapter instead of θ*;
+   ``oracle`` (greedy forward selection with real fine-tunes scored on ``dev``) on the tasks of ``--oracle-tasks``.
 3. Final fine-tunes on paired seeds (the same for every method), scored on ``test``; ours minus each baseline with
    a paired bootstrap 95% interval; single-source ablations on ``test`` (roles measured); fidelity of the budget-λ
    estimates on ``dev`` for random subsets fine-tuned from θ*.

@@ -140,7 +140,8 @@ class Finetuner:
         split: str = "test",
         examples: Sequence[int] | None = None,
     ) -> dict[str, float]:
-        """``{"metric", "loss", "seconds", "cpu_seconds"}`` of the fine-tune on target + ``subset`` scored on ``split``.
+        """``{"metric", "loss", "seconds", "cpu_seconds"}`` of the fine-tune on target + ``subset`` scored on
+        ``split``.
 
         ``examples``: also train on the candidate rows with these ``example_id`` s (a per-example or per-cluster
         selection). A set of ids that is exactly the union of whole sources is run (and memoized) as that subset, so

@@ -69,7 +69,8 @@ def estimate_figures(
     in_sample: bool = True,
 ) -> dict[str, Any]:
     """Metrics of the default (``default``: estimates at the automatic λ), budget-rule, calibrated (λ and step scale;
-    also λ alone, ``calibrated_lambda_only_*``) and in-sample estimates of ``evals`` against ``truth`` (``other``: a second true series, named ``other_name``).
+    also λ alone, ``calibrated_lambda_only_*``) and in-sample estimates of ``evals`` against ``truth`` (``other``: a
+    second true series, named ``other_name``).
 
     ``budget``: the real fine-tunes' ``lr``, ``steps``, ``optimizer`` and ``batch_size``. The in-sample bound fits λ
     and the step scale on the evaluated subsets themselves (not a fair figure: it shows how much of the error they can

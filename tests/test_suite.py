@@ -412,6 +412,45 @@ def test_objective_comparison_runs_on_a_tiny_causal_lm(tmp_path: Any) -> None:
     assert entry["margin_ours_vs"]["target_only"]["seeds"] == [0, 1] and entry["reproduces_suite"] is None
 
 
+@pytest.mark.skipif(not os.path.exists("/usr/share/wordnet/data.noun"), reason="needs Debian's wordnet-base")
+@pytest.mark.usefixtures("one_thread")
+def test_regime_comparison_scores_each_budget_on_dev_only(tmp_path: Any) -> None:
+    """suite_regime.py: one θ* and cache, each fine-tune budget's own real dev losses and budget-λ estimates."""
+    import suite_regime
+    from harness.stats import mean_relative_error
+
+    from hf_subset_select.demo.toy import make_tiny_causal_lm, make_tokenizer
+
+    tok = make_tokenizer()
+    make_tiny_causal_lm("gpt2", vocab_size=len(tok)).save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    out = tmp_path / "regime.json"
+    suite_regime.main(
+        ["--output", str(out), "--quick", "--task", "lexcat_gemma", "--gemma-path", str(tmp_path / "lm"),
+         "--fidelity-subsets", "3", "--threads", "1", "--specs", "suite,3x5e-3"]
+    )  # fmt: skip
+    entry = json.loads(out.read_text())["tasks"]["lexcat_gemma"]
+    assert entry["split_check"] == {"splits_scored": {"dev": entry["split_check"]["splits_scored"]["dev"], "test": 0},
+                                    "test_rows_in_cache": 0}  # fmt: skip
+    suite, short = entry["specs"]["suite"], entry["specs"]["3x5e-3"]
+    assert (suite["steps"], suite["lr"]) == (entry["settings"]["steps"], entry["settings"]["lr"])
+    assert (short["steps"], short["lr"]) == (3, 5e-3)
+    n = len(entry["subsets"])
+    assert n >= 3 + 1 + 7 and [] in entry["subsets"]
+    for spec in (suite, short):
+        assert len(spec["real_dev_loss"]) == len(spec["estimates"]) == n
+        # the figures are those of this budget's own real losses and estimates
+        assert spec["all_subsets"]["budget_mean_relative_error"] == pytest.approx(
+            mean_relative_error(spec["estimates"], spec["real_dev_loss"])
+        )
+        assert spec["target_only_dev"]["loss"] == spec["real_dev_loss"][entry["subsets"].index([])]
+        assert len(spec["fidelity"]["estimated_dev_loss"]) == 3
+    # another budget is another fine-tune and another λ
+    assert suite["budget_l2"] != short["budget_l2"] and suite["real_dev_loss"] != short["real_dev_loss"]
+    with pytest.raises(ValueError, match="STEPSxLR"):
+        suite_regime.parse_spec("ten-steps", entry["settings"])
+
+
 def test_oracle_gain_fraction_is_undefined_when_the_oracle_gains_nothing() -> None:
     """Two losses against target only must not read as a fraction of a gain."""
     import suite

@@ -225,8 +225,39 @@ BENCHMARKS = os.path.join(RECIPES, "benchmarks")
 BENCHMARK_SCRIPTS = [
     "fidelity.py", "fidelity_pretrained.py", "suite.py", "roles.py", "estimate_speed.py",
     "collect_throughput.py", "weighted_loss_overhead.py", "granularity.py", "reliability.py",
-    "suite_diagnose.py", "suite_verify.py", "collect_real_models.py", "solver_reference.py",
+    "suite_diagnose.py", "suite_verify.py", "suite_regime.py", "collect_real_models.py", "solver_reference.py",
 ]  # fmt: skip
+
+# Runs each script as ``__main__`` with ``--help`` in ONE fresh interpreter (not one per script: each start
+# imports torch and transformers again, ~3 s apiece) and prints {script: {"code", "stdout", "error"}} as JSON.
+_HELP_DRIVER = """
+import contextlib, io, json, runpy, sys, traceback
+out = {}
+for path in sys.argv[1:]:
+    buf, code, error = io.StringIO(), None, ""
+    sys.argv = [path, "--help"]
+    try:
+        with contextlib.redirect_stdout(buf):
+            runpy.run_path(path, run_name="__main__")
+    except SystemExit as exc:
+        code = exc.code or 0
+    except BaseException:
+        error = traceback.format_exc()[-3000:]
+    out[path] = {"code": code, "stdout": buf.getvalue(), "error": error}
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def benchmark_help():
+    """Each benchmark's ``--help`` result, keyed by script name."""
+    paths = [os.path.join(BENCHMARKS, s) for s in BENCHMARK_SCRIPTS]
+    proc = subprocess.run(
+        [sys.executable, "-c", _HELP_DRIVER, *paths], env=_env(), capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {os.path.basename(k): v for k, v in results.items()}
 
 
 @pytest.fixture
@@ -242,14 +273,11 @@ def harness(monkeypatch):
 
 
 @pytest.mark.parametrize("script", BENCHMARK_SCRIPTS)
-def test_benchmark_help_has_common_flags(script):
-    """Every benchmark takes the harness's --output and --quick."""
-    proc = subprocess.run(
-        [sys.executable, os.path.join(BENCHMARKS, script), "--help"],
-        env=_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "--output" in proc.stdout and "--quick" in proc.stdout
+def test_benchmark_help_has_common_flags(script, benchmark_help):
+    """Every benchmark runs as a script, and takes the harness's --output and --quick."""
+    result = benchmark_help[script]
+    assert result["error"] == "" and result["code"] == 0, result["error"]
+    assert "--output" in result["stdout"] and "--quick" in result["stdout"]
 
 
 def test_suite_diagnose_summary_locates_the_error(monkeypatch):

@@ -48,6 +48,17 @@ def toy_task() -> Any:
 
 
 @pytest.fixture
+def tiny_lm(tmp_path: Any) -> Any:
+    """A tiny GPT-2 causal LM and its tokenizer saved as one checkpoint directory (stands in for Gemma)."""
+    from hf_subset_select.demo.toy import make_tiny_causal_lm, make_tokenizer
+
+    tok = make_tokenizer()
+    make_tiny_causal_lm("gpt2", vocab_size=len(tok)).save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    return tmp_path / "lm"
+
+
+@pytest.fixture
 def one_thread() -> Any:
     """One torch thread for the test (restored afterwards)."""
     import torch
@@ -254,19 +265,12 @@ def test_paired_needs_matching_seeds() -> None:
 
 @pytest.mark.skipif(not os.path.exists("/usr/share/wordnet/data.noun"), reason="needs Debian's wordnet-base")
 @pytest.mark.usefixtures("one_thread")
-def test_generation_tasks_take_any_causal_lm(tmp_path: Any) -> None:
+def test_generation_tasks_take_any_causal_lm(tmp_path: Any, tiny_lm: Any) -> None:
     """--gemma-path: the causal-LM task classes run on a tiny offline model (splits, rows, fine-tune, scores)."""
     import suite
     from harness.training import train_steps
 
-    from hf_subset_select.demo.toy import make_tiny_causal_lm, make_tokenizer
-
-    tok = make_tokenizer()
-    make_tiny_causal_lm("gpt2", vocab_size=len(tok)).save_pretrained(tmp_path / "lm")
-    tok.save_pretrained(tmp_path / "lm")
-    args = suite.parse_args(
-        ["--output", str(tmp_path / "x.json"), "--quick", "--gemma-path", str(tmp_path / "lm")]
-    )
+    args = suite.parse_args(["--output", str(tmp_path / "x.json"), "--quick", "--gemma-path", str(tiny_lm)])
     for name in ("lexcat_gemma", "antonym_gemma"):
         task, settings = suite.make_task(name, args)
         data = task.build(0)
@@ -381,19 +385,15 @@ def test_granularity_units_from_one_cache() -> None:
 
 @pytest.mark.skipif(not os.path.exists("/usr/share/wordnet/data.noun"), reason="needs Debian's wordnet-base")
 @pytest.mark.usefixtures("one_thread")
-def test_objective_comparison_runs_on_a_tiny_causal_lm(tmp_path: Any) -> None:
+def test_objective_comparison_runs_on_a_tiny_causal_lm(tmp_path: Any, tiny_lm: Any) -> None:
     """suite_objective.py: both outputs collected from one run, dev-only analysis, then the test fine-tunes."""
     import suite_objective
 
     from hf_subset_select import GradientCache
-    from hf_subset_select.demo.toy import make_tiny_causal_lm, make_tokenizer
 
-    tok = make_tokenizer()
-    make_tiny_causal_lm("gpt2", vocab_size=len(tok)).save_pretrained(tmp_path / "lm")
-    tok.save_pretrained(tmp_path / "lm")
     out = tmp_path / "objective.json"
     suite_objective.main(
-        ["--output", str(out), "--quick", "--tasks", "lexcat_gemma", "--gemma-path", str(tmp_path / "lm"),
+        ["--output", str(out), "--quick", "--tasks", "lexcat_gemma", "--gemma-path", str(tiny_lm),
          "--fidelity-subsets", "3", "--threads", "1", "--suite-json", str(tmp_path / "absent.json")]
     )  # fmt: skip
     entry = json.loads(out.read_text())["tasks"]["lexcat_gemma"]
@@ -414,19 +414,14 @@ def test_objective_comparison_runs_on_a_tiny_causal_lm(tmp_path: Any) -> None:
 
 @pytest.mark.skipif(not os.path.exists("/usr/share/wordnet/data.noun"), reason="needs Debian's wordnet-base")
 @pytest.mark.usefixtures("one_thread")
-def test_regime_comparison_scores_each_budget_on_dev_only(tmp_path: Any) -> None:
+def test_regime_comparison_scores_each_budget_on_dev_only(tmp_path: Any, tiny_lm: Any) -> None:
     """suite_regime.py: one θ* and cache, each fine-tune budget's own real dev losses and budget-λ estimates."""
     import suite_regime
     from harness.stats import mean_relative_error
 
-    from hf_subset_select.demo.toy import make_tiny_causal_lm, make_tokenizer
-
-    tok = make_tokenizer()
-    make_tiny_causal_lm("gpt2", vocab_size=len(tok)).save_pretrained(tmp_path / "lm")
-    tok.save_pretrained(tmp_path / "lm")
     out = tmp_path / "regime.json"
     suite_regime.main(
-        ["--output", str(out), "--quick", "--task", "lexcat_gemma", "--gemma-path", str(tmp_path / "lm"),
+        ["--output", str(out), "--quick", "--task", "lexcat_gemma", "--gemma-path", str(tiny_lm),
          "--fidelity-subsets", "3", "--threads", "1", "--specs", "suite,3x5e-3"]
     )  # fmt: skip
     entry = json.loads(out.read_text())["tasks"]["lexcat_gemma"]

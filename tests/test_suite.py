@@ -498,3 +498,44 @@ def test_held_out_calibration_recovers_a_known_lambda_and_never_sees_the_estimat
     assert out_wild["mean_relative_error"] > out["mean_relative_error"]
     with pytest.raises(ValueError, match="at least 3 subsets"):
         held_out_calibration(est, subsets[:2], truth[:2], base=1.0, other=truth[:2], start_l2=start)
+
+
+def test_meta_training_keeps_its_own_lr_and_skipped_parts_are_listed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """θ* is trained at ``meta_lr`` while the target fine-tunes (and their budget λ) use ``lr``; ``--skip`` refuses a
+    part it does not know before anything runs, and a task run without fidelity is named in the summary instead of
+    counting as a Spearman."""
+    import suite
+
+    with pytest.raises(ValueError, match="choose from"):
+        suite.parse_args(["--output", "x.json", "--skip", "oracle"])
+    assert suite.parse_args(["--output", "x.json", "--skip", "ablations"]).skip == "ablations"
+    assert suite.CAUSAL_LM["meta_lr"] != suite.CAUSAL_LM["lr"]
+
+    class Stop(Exception):
+        pass
+
+    seen: dict[str, Any] = {}
+
+    def spy(work: str, **kwargs: Any) -> Any:
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(suite, "meta_training_arguments", spy)
+    task = toy_task()
+    with pytest.raises(Stop):
+        suite.collect(task, task.build(0), {**SETTINGS, "lr": 2.5e-4, "meta_lr": 1e-3}, 0)
+    assert seen["lr"] == 1e-3
+    seen.clear()
+    with pytest.raises(Stop):  # a task without meta_lr meta-trains at its fine-tune's lr, as before
+        suite.collect(task, task.build(0), SETTINGS, 0)
+    assert seen["lr"] == SETTINGS["lr"]
+
+    entry = {
+        "ours_vs": {b: {"diff_mean": 0.0, "ci_low": 0.0, "ci_high": 0.0} for b in suite.BASELINES},
+        "methods": {"ours": {"test_metric_mean": 0.5}},
+        "start_point": {"ours": "theta_star", "all_sources": "base"},
+        "skipped": ["ablations", "fidelity"],
+    }
+    with_fidelity = {**entry, "fidelity": {"budget_spearman": 0.4}, "skipped": []}
+    summary = suite.summarize({"t": entry, "u": with_fidelity}, 0, {"commit": "c", "dirty": False})
+    assert summary["tasks_without_fidelity"] == ["t"] and summary["budget_spearman_min"] == 0.4

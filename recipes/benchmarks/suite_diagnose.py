@@ -66,6 +66,7 @@ def collect_both(
 ) -> tuple[Any, dict, float]:
     """θ* and two caches (``none``: raw gradients, ``auto``: Adam geometry) from one meta-training run."""
     from datasets import Dataset
+    from suite import meta_lr
 
     from hf_subset_select import CollectConfig, GradientCollector
 
@@ -86,7 +87,7 @@ def collect_both(
         work,
         epochs=settings["meta_epochs"],
         batch_size=settings["batch_size"],
-        lr=settings["lr"],
+        lr=meta_lr(settings),
         seed=seed,
         logging_steps=50,
     )

@@ -45,10 +45,11 @@ def rebuild_cache(task: str, entry: dict[str, Any]) -> tuple[Any, float]:
         gemma_path=run.get("gemma_path"),
     )
     t, settings = make_task(task, ns)
-    for key in ("steps", "lr", "batch_size", "meta_epochs", "max_length"):
-        if settings[key] != entry["settings"][key]:
+    for key in ("steps", "lr", "meta_lr", "batch_size", "meta_epochs", "max_length"):
+        ran = entry["settings"].get(key, entry["settings"]["lr"] if key == "meta_lr" else None)
+        if settings.get(key, settings["lr"] if key == "meta_lr" else None) != ran:
             raise ValueError(
-                f"{task}: this code's {key}={settings[key]} differs from the run's {entry['settings'][key]}; rebuild "
+                f"{task}: this code's {key}={settings.get(key)} differs from the run's {ran}; rebuild "
                 "with the code of the run's commit (tasks.<task>.run.commit)"
             )
     seed = int(run.get("seed", 0))

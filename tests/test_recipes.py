@@ -225,7 +225,7 @@ BENCHMARKS = os.path.join(RECIPES, "benchmarks")
 BENCHMARK_SCRIPTS = [
     "fidelity.py", "fidelity_pretrained.py", "suite.py", "roles.py", "estimate_speed.py",
     "collect_throughput.py", "weighted_loss_overhead.py", "granularity.py", "reliability.py",
-    "suite_diagnose.py", "suite_verify.py", "suite_regime.py", "collect_real_models.py", "solver_reference.py",
+    "suite_diagnose.py", "suite_verify.py", "suite_regime.py", "suite_proxies.py", "collect_real_models.py", "solver_reference.py",
 ]  # fmt: skip
 
 # Runs each script as ``__main__`` with ``--help`` in ONE fresh interpreter (not one per script: each start

@@ -444,6 +444,21 @@ def test_regime_comparison_scores_each_budget_on_dev_only(tmp_path: Any, tiny_lm
     assert suite["budget_l2"] != short["budget_l2"] and suite["real_dev_loss"] != short["real_dev_loss"]
     with pytest.raises(ValueError, match="STEPSxLR"):
         suite_regime.parse_spec("ten-steps", entry["settings"])
+    # the exact-match proxies from the same run's cache: the loss proxy is the run's own estimate-vs-metric ranking
+    import suite_proxies
+
+    proxies_out = tmp_path / "proxies.json"
+    suite_proxies.main(["--regime", str(out), "--output", str(proxies_out)])
+    proxy = json.loads(proxies_out.read_text())["tasks"]["lexcat_gemma"]
+    assert set(proxy) == {"suite", "3x5e-3"}
+    for name, figures in proxy.items():
+        assert figures["reproduces_regime"]
+        assert figures["spearman_vs_dev_metric"]["loss"] == pytest.approx(
+            entry["specs"][name]["all_subsets"]["spearman_estimate_vs_dev_metric"], nan_ok=True
+        )  # nan when the tiny model's dev metric is the same for every subset
+        assert all(0.0 <= v <= 1.0 for v in figures["values"]["hard"] + figures["values"]["soft"])
+    with pytest.raises(ValueError, match="TASK=DIR"):
+        suite_proxies.main(["--regime", str(out), "--output", str(proxies_out), "--cache", "nowhere"])
 
 
 def test_oracle_gain_fraction_is_undefined_when_the_oracle_gains_nothing() -> None:

@@ -554,3 +554,18 @@ def test_meta_training_keeps_its_own_lr_and_skipped_parts_are_listed(monkeypatch
     with_fidelity = {**entry, "fidelity": {"budget_spearman": 0.4}, "skipped": []}
     summary = suite.summarize({"t": entry, "u": with_fidelity}, 0, {"commit": "c", "dirty": False})
     assert summary["tasks_without_fidelity"] == ["t"] and summary["budget_spearman_min"] == 0.4
+
+
+def test_posthoc_rebuild_refuses_a_run_whose_meta_training_lr_differs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A result written before ``meta_lr`` existed meta-trained at its ``lr``: rebuilding its cache with code that
+    meta-trains at another rate would give another θ*, so it stops and names the setting."""
+    import suite
+    import suite_posthoc
+
+    monkeypatch.setattr(suite, "make_task", lambda name, args: (None, dict(suite.CAUSAL_LM)))
+    monkeypatch.setattr(suite, "collect", lambda *a: pytest.fail("collected although the settings differ"))
+    older = {k: v for k, v in suite.CAUSAL_LM.items() if k != "meta_lr"}  # meta-trained at its lr, 2.5e-4
+    with pytest.raises(ValueError, match="meta_lr=0.001 differs from the run's 0.00025"):
+        suite_posthoc.rebuild_cache("lexcat_gemma", {"settings": older})

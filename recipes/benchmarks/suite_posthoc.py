@@ -36,7 +36,7 @@ def rebuild_cache(task: str, entry: dict[str, Any]) -> tuple[Any, float]:
     seconds it took; θ* itself is dropped."""
     import argparse
 
-    from suite import collect, make_task
+    from suite import collect, make_task, meta_lr
 
     run = entry.get("run", {}).get("settings") or {}
     ns = argparse.Namespace(
@@ -45,11 +45,15 @@ def rebuild_cache(task: str, entry: dict[str, Any]) -> tuple[Any, float]:
         gemma_path=run.get("gemma_path"),
     )
     t, settings = make_task(task, ns)
+
+    def value(s: dict[str, Any], key: str) -> Any:
+        return meta_lr(s) if key == "meta_lr" else s[key]
+
     for key in ("steps", "lr", "meta_lr", "batch_size", "meta_epochs", "max_length"):
-        ran = entry["settings"].get(key, entry["settings"]["lr"] if key == "meta_lr" else None)
-        if settings.get(key, settings["lr"] if key == "meta_lr" else None) != ran:
+        ours, ran = value(settings, key), value(entry["settings"], key)
+        if ours != ran:
             raise ValueError(
-                f"{task}: this code's {key}={settings.get(key)} differs from the run's {ran}; rebuild "
+                f"{task}: this code's {key}={ours} differs from the run's {ran}; rebuild "
                 "with the code of the run's commit (tasks.<task>.run.commit)"
             )
     seed = int(run.get("seed", 0))
